@@ -1,0 +1,45 @@
+"""Request in, ranking out: embeddings first (query-independent), then the decoding loop."""
+from __future__ import annotations
+
+import time
+from typing import Protocol, Sequence
+
+from .prompt import PromptBuilder
+from .ranker import WindowSource, rank_passages
+from .steps import StepBackend
+from .types import Passage, RankedPassage, RankOptions, RerankRequest, RerankResult, Timings
+
+
+class Embedder(Protocol):
+    """Where a request's projected passage embeddings come from; returns (source, cache hits)."""
+
+    async def prepare(self, passages: Sequence[Passage]) -> tuple[WindowSource, int]: ...
+
+
+class Reranker:
+    def __init__(self, embedder: Embedder, backend: StepBackend, prompts: PromptBuilder) -> None:
+        self.embedder = embedder
+        self.backend = backend
+        self.prompts = prompts
+
+    async def rerank(self, request: RerankRequest, timings: Timings | None = None) -> RerankResult:
+        """Rank a request that has already been validated."""
+        timings = timings if timings is not None else Timings()
+        t0 = time.perf_counter()
+        source, cache_hits = await self.embedder.prepare(request.passages)
+        timings.encode_ms += (time.perf_counter() - t0) * 1e3
+        options = RankOptions(request.window_size, request.stride, request.mode, request.top_n or None)
+        n = len(request.passages)
+        order, stats = await rank_passages(self.backend, self.prompts, request.query, n, source, options, timings)
+        timings.rank_ms += (time.perf_counter() - t0) * 1e3 - timings.encode_ms
+        keep = order[: request.top_n] if request.top_n else order
+        ranking = [
+            RankedPassage(
+                index=i,
+                id=request.passages[i].id,
+                score=1.0 / (rank + 1),
+                text=request.passages[i].text if request.return_text else None,
+            )
+            for rank, i in enumerate(keep)
+        ]
+        return RerankResult(ranking=ranking, stats=stats, timings=timings, cache_hits=cache_hits)

@@ -1,0 +1,72 @@
+"""Request and result types shared by the CLI, the gRPC server and the ranking core."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+
+
+class Mode(str, Enum):
+    FULL = "full"    # dynamic-constrained decoding, as in the paper
+    FIRST = "first"  # order each window by the first step's scores: one prefill, no decode steps
+
+
+@dataclass(frozen=True)
+class Passage:
+    id: str
+    text: str = ""
+    embedding: np.ndarray | None = None  # precomputed encoder embedding [E], optional
+
+
+@dataclass(frozen=True)
+class RerankRequest:
+    query: str
+    passages: tuple[Passage, ...]
+    window_size: int = 20
+    stride: int = 10
+    mode: Mode = Mode.FULL
+    top_n: int | None = None  # None: the whole permutation
+    truncate: bool = True
+    return_text: bool = False
+
+
+@dataclass(frozen=True)
+class RankOptions:
+    window_size: int = 20
+    stride: int = 10
+    mode: Mode = Mode.FULL
+    top_n: int | None = None
+
+
+@dataclass
+class RankStats:
+    windows: int = 0
+    prompt_tokens: int = 0
+    decode_steps: int = 0
+
+
+@dataclass(frozen=True)
+class RankedPassage:
+    index: int   # position in the request's passage list
+    id: str
+    score: float  # 1 / rank: listwise decoding yields an order, not calibrated relevance
+    text: str | None = None
+
+
+@dataclass
+class Timings:
+    queue_ms: float = 0.0
+    encode_ms: float = 0.0
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+    rank_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+@dataclass
+class RerankResult:
+    ranking: list[RankedPassage]
+    stats: RankStats
+    timings: Timings = field(default_factory=Timings)
+    cache_hits: int = 0

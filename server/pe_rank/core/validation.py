@@ -1,0 +1,72 @@
+"""Request validation, done once at the edge (CLI, gRPC) before anything is ranked."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .types import RerankRequest
+
+
+class InvalidRequest(ValueError):
+    """A request the service refuses; ``field`` names the offending field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_passages: int = 1000
+    max_window_size: int = 100
+    max_query_chars: int = 4096
+
+
+def validate_request(
+    request: RerankRequest,
+    embedding_size: int,
+    limits: Limits = Limits(),
+    token_counts: Callable[[list[str]], list[int]] | None = None,
+    max_tokens: int = 512,
+) -> None:
+    """Raise InvalidRequest for the first problem found; ``token_counts`` checks truncate=false."""
+    if not request.query.strip():
+        raise InvalidRequest("query", "must not be empty")
+    if len(request.query) > limits.max_query_chars:
+        raise InvalidRequest("query", f"longer than {limits.max_query_chars} characters")
+    n = len(request.passages)
+    if n == 0:
+        raise InvalidRequest("passages", "at least one passage is required")
+    if n > limits.max_passages:
+        raise InvalidRequest("passages", f"{n} passages exceed the limit of {limits.max_passages}")
+    if request.window_size < 2 or request.window_size > limits.max_window_size:
+        raise InvalidRequest("window_size", f"must be in [2, {limits.max_window_size}], got {request.window_size}")
+    if request.stride < 1 or request.stride >= request.window_size:
+        raise InvalidRequest("stride", f"must be in [1, window_size), got {request.stride}")
+    if request.top_n is not None and request.top_n < 0:
+        raise InvalidRequest("top_n", f"must not be negative, got {request.top_n}")
+    seen: dict[str, int] = {}
+    for i, passage in enumerate(request.passages):
+        if passage.id in seen:
+            raise InvalidRequest(f"passages[{i}].id", f"duplicate id {passage.id!r} (also passages[{seen[passage.id]}])")
+        seen[passage.id] = i
+        if passage.embedding is None:
+            if not passage.text.strip():
+                raise InvalidRequest(f"passages[{i}].text", "must not be empty (or give an embedding)")
+            continue
+        emb = np.asarray(passage.embedding)
+        if emb.shape != (embedding_size,):
+            raise InvalidRequest(
+                f"passages[{i}].embedding", f"has {emb.size} values, the encoder's size is {embedding_size}"
+            )
+        if not np.all(np.isfinite(emb)):
+            raise InvalidRequest(f"passages[{i}].embedding", "contains NaN or Inf")
+    if not request.truncate and token_counts is not None:
+        texts = [(i, p.text) for i, p in enumerate(request.passages) if p.embedding is None]
+        for (i, _), count in zip(texts, token_counts([t for _, t in texts])):
+            if count > max_tokens:
+                raise InvalidRequest(
+                    f"passages[{i}].text", f"is {count} encoder tokens, over the {max_tokens} limit (truncate=false)"
+                )
