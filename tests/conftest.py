@@ -1,0 +1,65 @@
+"""Shared fixtures: conformance vectors shipped in tests/data, tiny checkpoints built offline."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+DATA = Path(__file__).parent / "data"
+CONFORMANCE = DATA / "conformance"
+CHECKPOINTS = ("tiny-a", "tiny-b")
+
+
+def conformance_cases() -> list[tuple[str, int, dict]]:
+    out = []
+    for name in CHECKPOINTS:
+        cases = json.loads((CONFORMANCE / f"{name}.cases.json").read_text())["cases"]
+        out += [(name, i, c) for i, c in enumerate(cases)]
+    return out
+
+
+def conformance_prompts() -> list[tuple[str, int, dict]]:
+    out = []
+    for name in CHECKPOINTS:
+        prompts = json.loads((CONFORMANCE / f"{name}.cases.json").read_text())["prompts"]
+        out += [(name, i, p) for i, p in enumerate(prompts)]
+    return out
+
+
+def case_id(item: tuple[str, int, dict]) -> str:
+    name, i, case = item
+    req = case.get("request", case)
+    n = len(req["passages"]) if "passages" in req else req.get("n")
+    return f"{name}-{i}-n{n}"
+
+
+@pytest.fixture(scope="session")
+def dl19() -> list[dict]:
+    with gzip.open(DATA / "bm25_dl19.json.gz", "rt") as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from pe_rank.models.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny") / "tiny", seed=7)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir: Path):
+    from pe_rank.core.inprocess import load_in_process
+
+    return load_in_process(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def conformance_models():
+    from pe_rank.core.inprocess import load_in_process
+
+    return {name: load_in_process(CONFORMANCE / name) for name in CHECKPOINTS}
