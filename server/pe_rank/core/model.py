@@ -65,19 +65,13 @@ class PeRankModel:
         return self.info.embedding_size
 
     def tokenize_passages(self, texts: list[str]) -> dict[str, np.ndarray]:
-        """Encoder input as the original built it: truncated to 512 tokens, padded to the longest."""
-        enc = self.encoder_tokenizer(
-            texts, padding="longest", truncation=True, max_length=ENCODER_MAX_TOKENS, return_tensors="np"
-        )
-        return {"input_ids": enc["input_ids"].astype(np.int64),
-                "attention_mask": enc["attention_mask"].astype(np.int64)}
+        return encoder_inputs(self.encoder_tokenizer, texts)
 
     def passage_token_counts(self, texts: list[str]) -> list[int]:
         """Untruncated encoder lengths, to refuse over-long passages when truncation is off."""
         enc = self.encoder_tokenizer(texts, truncation=False)
         return [len(ids) for ids in enc["input_ids"]]
 
-    @torch.inference_mode()
     def encode(self, texts: list[str]) -> np.ndarray:
         """Pooled, L2-normalised encoder embeddings [N, E] (float32).
 
@@ -87,25 +81,47 @@ class PeRankModel:
         if not texts:
             return np.zeros((0, self.embedding_size), dtype=np.float32)
         tokens = self.tokenize_passages(texts)
-        return np.concatenate([
-            self.encode_tokens(tokens["input_ids"][i : i + ENCODER_BATCH],
-                               tokens["attention_mask"][i : i + ENCODER_BATCH])
-            for i in range(0, len(texts), ENCODER_BATCH)
-        ])
+        return encode_in_batches(self.encoder, self.info.pooling, tokens["input_ids"],
+                                 tokens["attention_mask"], self.device)
 
-    @torch.inference_mode()
     def encode_tokens(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        ids = torch.from_numpy(np.asarray(input_ids, dtype=np.int64)).to(self.device)
-        mask = torch.from_numpy(np.asarray(attention_mask, dtype=np.int64)).to(self.device)
-        hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        pooled = pool(hidden, mask, self.info.pooling)
-        return torch.nn.functional.normalize(pooled.float(), p=2, dim=-1).cpu().numpy()
+        return encode_tokens(self.encoder, self.info.pooling, input_ids, attention_mask, self.device)
 
-    @torch.inference_mode()
     def project(self, embeddings: np.ndarray) -> np.ndarray:
         """Encoder embeddings [N, E] -> LLM input space [N, H] (not normalised)."""
-        x = torch.from_numpy(np.asarray(embeddings, dtype=np.float32)).to(self.device, self.dtype)
-        return self.projector(x).float().cpu().numpy()
+        return project(self.projector, embeddings, self.dtype, self.device)
+
+
+def encoder_inputs(tokenizer, texts: list[str]) -> dict[str, np.ndarray]:
+    """Encoder input as the original built it: truncated to 512 tokens, padded to the longest."""
+    enc = tokenizer(texts, padding="longest", truncation=True, max_length=ENCODER_MAX_TOKENS, return_tensors="np")
+    return {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}
+
+
+@torch.inference_mode()
+def encode_tokens(encoder: nn.Module, pooling: str, input_ids: np.ndarray, attention_mask: np.ndarray,
+                  device: torch.device = torch.device("cpu")) -> np.ndarray:
+    """Pooled, L2-normalised embeddings [B, E] of one encoder batch."""
+    ids = torch.from_numpy(np.asarray(input_ids, dtype=np.int64)).to(device)
+    mask = torch.from_numpy(np.asarray(attention_mask, dtype=np.int64)).to(device)
+    hidden = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    return torch.nn.functional.normalize(pool(hidden, mask, pooling).float(), p=2, dim=-1).cpu().numpy()
+
+
+def encode_in_batches(encoder: nn.Module, pooling: str, input_ids: np.ndarray, attention_mask: np.ndarray,
+                      device: torch.device = torch.device("cpu")) -> np.ndarray:
+    """Encode already padded inputs [N, L] in the reference's batches of 16."""
+    return np.concatenate([
+        encode_tokens(encoder, pooling, input_ids[i : i + ENCODER_BATCH], attention_mask[i : i + ENCODER_BATCH], device)
+        for i in range(0, len(input_ids), ENCODER_BATCH)
+    ])
+
+
+@torch.inference_mode()
+def project(projector: nn.Module, embeddings: np.ndarray, dtype: torch.dtype,
+            device: torch.device = torch.device("cpu")) -> np.ndarray:
+    x = torch.from_numpy(np.asarray(embeddings, dtype=np.float32)).to(device, dtype)
+    return projector(x).float().cpu().numpy()
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -118,19 +134,31 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
     return (hidden * weights).sum(1) / torch.clamp(weights.sum(1), min=1e-9)
 
 
-def load_model(folder: Path | str, dtype: str = "float32", device: str = "cpu") -> PeRankModel:
-    """Load a released-layout checkpoint; user mistakes raise CheckpointError."""
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+TORCH_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+                "fp16": torch.float16, "bfloat16": torch.bfloat16}
 
-    info = read_checkpoint_info(folder)
-    torch_dtype = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-                   "fp16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    weights = WeightFiles(info.folder)
 
-    llm = build_llm(info, torch_dtype)
-    load_into(llm, weights, "model.", "LLM", torch_dtype)
-    projector = build_projector(info.projector_type, info.embedding_size, info.hidden_size).to(torch_dtype)
-    load_into(projector, weights, PROJECTOR_PREFIX, "projector", torch_dtype)
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in TORCH_DTYPES:
+        raise CheckpointError(f"dtype {name!r} is not one of {sorted(TORCH_DTYPES)}")
+    return TORCH_DTYPES[name]
+
+
+def load_llm(info: CheckpointInfo, weights: WeightFiles, dtype: torch.dtype) -> nn.Module:
+    llm = build_llm(info, dtype)
+    load_into(llm, weights, "model.", "LLM", dtype)
+    return llm.eval()
+
+
+def load_projector(info: CheckpointInfo, weights: WeightFiles, dtype: torch.dtype) -> nn.Module:
+    projector = build_projector(info.projector_type, info.embedding_size, info.hidden_size).to(dtype)
+    load_into(projector, weights, PROJECTOR_PREFIX, "projector", dtype)
+    return projector.eval()
+
+
+def load_encoder(info: CheckpointInfo, weights: WeightFiles) -> nn.Module:
+    """The encoder from ``model.encoder.encoder.*`` when present, else from its own folder."""
+    from transformers import AutoConfig, AutoModel
 
     if weights.keys(ENCODER_PREFIX):
         encoder = AutoModel.from_config(AutoConfig.from_pretrained(str(info.encoder_dir)))
@@ -146,10 +174,25 @@ def load_model(folder: Path | str, dtype: str = "float32", device: str = "cpu") 
             f"{info.folder / 'config.json'}: embedding_size is {info.embedding_size} but the encoder "
             f"in {info.encoder_dir} has hidden_size {hidden}"
         )
-    encoder_tokenizer = AutoTokenizer.from_pretrained(str(info.encoder_dir))
-    prompts = PromptBuilder(load_prompt_tokenizer(info.folder))
+    return encoder.eval()
 
+
+def load_encoder_tokenizer(info: CheckpointInfo):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(info.encoder_dir))
+
+
+def load_model(folder: Path | str, dtype: str = "float32", device: str = "cpu") -> PeRankModel:
+    """Load a released-layout checkpoint; user mistakes raise CheckpointError."""
+    info = read_checkpoint_info(folder)
+    dt = torch_dtype(dtype)
+    weights = WeightFiles(info.folder)
+    llm = load_llm(info, weights, dt)
+    projector = load_projector(info, weights, dt)
+    encoder = load_encoder(info, weights)
+    prompts = PromptBuilder(load_prompt_tokenizer(info.folder))
     dev = torch.device(device)
     for module in (llm, projector, encoder):
-        module.to(dev).eval()
-    return PeRankModel(info, llm, projector, encoder, encoder_tokenizer, prompts, torch_dtype, dev)
+        module.to(dev)
+    return PeRankModel(info, llm, projector, encoder, load_encoder_tokenizer(info), prompts, dt, dev)
