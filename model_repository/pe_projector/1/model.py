@@ -1,0 +1,56 @@
+"""pe_projector: encoder embeddings [N, E] -> LLM input space [N, H].
+
+Serves pe_embed, and callers who bring encoder embeddings from their first-stage dense
+index. ``runtime``: ``onnxruntime`` (model.onnx) or ``torch`` (projector.safetensors).
+"""
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from pe_rank.triton.backend_utils import device_of, input_array, model_dir, parameters, respond_each
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        folder = model_dir(args)
+        self.runtime = parameters(args).get("runtime", "onnxruntime")
+        meta = json.loads((folder / "projector.json").read_text())
+        self.embedding_size = int(meta["embedding_size"])
+        if self.runtime == "torch":
+            import torch
+            from safetensors.torch import load_file
+
+            from pe_rank.core.checkpoint import build_projector
+            from pe_rank.core.model import torch_dtype
+
+            self.dtype = torch_dtype(meta["dtype"])
+            self.device = torch.device(device_of(args))
+            self.projector = build_projector(meta["projector_type"], self.embedding_size, int(meta["hidden_size"]))
+            self.projector.load_state_dict(load_file(str(folder / "projector.safetensors")))
+            self.projector = self.projector.to(self.device, self.dtype).eval()
+        else:
+            import onnxruntime as ort
+
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device_of(args) != "cpu" else ["CPUExecutionProvider"]
+            self.session = ort.InferenceSession(str(folder / "model.onnx"), providers=providers)
+
+    def execute(self, requests):
+        return respond_each(pb_utils, requests, self._project)
+
+    def _project(self, request):
+        x = input_array(pb_utils, request, "ENCODER_EMBEDDING").astype(np.float32)
+        if x.ndim != 2 or x.shape[1] != self.embedding_size:
+            raise ValueError(f"ENCODER_EMBEDDING must be [N, {self.embedding_size}], got {list(x.shape)}")
+        if not np.all(np.isfinite(x)):
+            raise ValueError("ENCODER_EMBEDDING contains NaN or Inf")
+        if self.runtime == "torch":
+            from pe_rank.core.model import project
+
+            out = project(self.projector, x, self.dtype, self.device)
+        else:
+            out = self.session.run(["PROJECTED"], {"ENCODER_EMBEDDING": x})[0]
+        return [pb_utils.Tensor("PROJECTED", out.astype(np.float32))]
+
+    def finalize(self):
+        self.projector = self.session = None

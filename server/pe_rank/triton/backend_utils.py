@@ -1,0 +1,42 @@
+"""Helpers shared by the Python-backend models in model_repository/ (one place, not five)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+
+def model_dir(args: dict[str, str]) -> Path:
+    """The model's version folder (where export put its artefacts)."""
+    return Path(args["model_repository"]) / args["model_version"]
+
+
+def parameters(args: dict[str, str]) -> dict[str, str]:
+    config = json.loads(args["model_config"])
+    return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+
+
+def device_of(args: dict[str, str]) -> str:
+    if args.get("model_instance_kind") == "GPU":
+        return f"cuda:{args.get('model_instance_device_id', '0')}"
+    return "cpu"
+
+
+def respond_each(pb_utils: Any, requests: list, handle: Callable[[Any], list]) -> list:
+    """One response per request; a failing request gets an error response, the others go on."""
+    responses = []
+    for request in requests:
+        try:
+            responses.append(pb_utils.InferenceResponse(output_tensors=handle(request)))
+        except Exception as exc:  # the error goes back to that caller; the model keeps serving
+            responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(exc).__name__}: {exc}")))
+    return responses
+
+
+def input_array(pb_utils: Any, request: Any, name: str, required: bool = True):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        if required:
+            raise ValueError(f"input {name} is required")
+        return None
+    return tensor.as_numpy()
