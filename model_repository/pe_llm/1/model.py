@@ -55,6 +55,8 @@ class TritonPythonModel:
 
     def _advance(self, request, corrid, start):
         choice = input_array(pb_utils, request, "CHOICE", required=False)
+        if start and pb_utils.get_input_tensor_by_name(request, "PROMPT_IDS") is None and choice is None:
+            return np.zeros(0, dtype=np.float32)  # a bare START(+END): reports LIVE_SEQUENCES only
         if start:
             self.states.drop(corrid)
             ids = input_array(pb_utils, request, "PROMPT_IDS").reshape(-1)

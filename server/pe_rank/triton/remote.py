@@ -1,0 +1,127 @@
+"""The Triton backend of the ranking loop: pe_embed / pe_projector for embeddings, pe_llm for steps.
+
+Every window is its own Triton sequence (a fresh correlation id); the sequence always
+ends, on success, error, deadline or cancellation, so no KV cache is left behind.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import random
+from typing import Sequence
+
+import numpy as np
+
+from ..core.ranker import WindowSource
+from ..core.types import Passage
+
+LLM_MODEL = "pe_llm"
+EMBED_MODEL = "pe_embed"
+PROJECTOR_MODEL = "pe_projector"
+
+# correlation ids unique across processes sharing a Triton: random 32-bit base, counter below
+_CORRIDS = itertools.count((random.SystemRandom().getrandbits(31) << 32) | (os.getpid() & 0xFFFF) << 16)
+
+
+def _tensor(name: str, array: np.ndarray, dtype: str):
+    from tritonclient.grpc import InferInput
+
+    item = InferInput(name, list(array.shape), dtype)
+    item.set_data_from_numpy(array)
+    return item
+
+
+class TritonSession:
+    """One window on pe_llm: START with the prompt, CHOICE per step, END to free the state."""
+
+    def __init__(self, client, corrid: int, timeout_s: float | None) -> None:
+        self.client = client
+        self.corrid = corrid
+        self.timeout_s = timeout_s
+        self.started = False
+
+    async def _infer(self, inputs: list, start: bool = False, end: bool = False) -> np.ndarray:
+        result = await self.client.infer(
+            LLM_MODEL, inputs, sequence_id=self.corrid, sequence_start=start, sequence_end=end,
+            client_timeout=self.timeout_s,
+        )
+        return result.as_numpy("SCORES")
+
+    async def start(self, prompt_ids: np.ndarray, passage_embeds: np.ndarray) -> np.ndarray:
+        self.started = True
+        return await self._infer([
+            _tensor("PROMPT_IDS", np.ascontiguousarray(prompt_ids, dtype=np.int64), "INT64"),
+            _tensor("PASSAGE_EMBEDS", np.ascontiguousarray(passage_embeds, dtype=np.float32), "FP32"),
+        ], start=True)
+
+    async def step(self, index: int) -> np.ndarray:
+        return await self._infer([_tensor("CHOICE", np.array([index], dtype=np.int64), "INT64")])
+
+    async def end(self) -> None:
+        """Free the sequence even when the caller was cancelled: shielded, errors swallowed."""
+        if not self.started:
+            return
+        self.started = False
+        try:
+            await asyncio.shield(self._infer([], end=True))
+        except Exception:  # Triton down or sequence already expired: nothing left to free
+            pass
+
+
+class TritonStepBackend:
+    def __init__(self, client, timeout_s: float | None = None) -> None:
+        self.client = client
+        self.timeout_s = timeout_s
+
+    def session(self) -> TritonSession:
+        return TritonSession(self.client, next(_CORRIDS), self.timeout_s)
+
+
+async def embed_texts(client, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """pe_embed: (projected [n, H], encoder embeddings [n, E]) for one batch of texts."""
+    array = np.array([t.encode("utf-8") for t in texts], dtype=np.object_)
+    result = await client.infer(EMBED_MODEL, [_tensor("TEXT", array, "BYTES")])
+    return result.as_numpy("PROJECTED"), result.as_numpy("ENCODER_EMBEDDING")
+
+
+async def project(client, vectors: np.ndarray) -> np.ndarray:
+    """pe_projector for caller-supplied encoder embeddings [n, E]."""
+    result = await client.infer(PROJECTOR_MODEL, [_tensor("ENCODER_EMBEDDING", np.ascontiguousarray(vectors, np.float32), "FP32")])
+    return result.as_numpy("PROJECTED")
+
+
+class TritonWindowSource:
+    """Each window's passages embedded together, like the reference (its padding, its batch).
+
+    All-text windows use pe_embed's projection directly; windows with caller-supplied
+    encoder embeddings project the whole window through pe_projector.
+    """
+
+    def __init__(self, client, passages: Sequence[Passage]) -> None:
+        self.client = client
+        self.passages = passages
+
+    async def window(self, indices: list[int]) -> np.ndarray:
+        chosen = [self.passages[i] for i in indices]
+        text_rows = [k for k, p in enumerate(chosen) if p.embedding is None]
+        if len(text_rows) == len(chosen):
+            projected, _ = await embed_texts(self.client, [p.text for p in chosen])
+            return projected
+        size = len(np.asarray(next(p.embedding for p in chosen if p.embedding is not None)))
+        vectors = np.zeros((len(chosen), size), dtype=np.float32)
+        if text_rows:
+            _, encoded = await embed_texts(self.client, [chosen[k].text for k in text_rows])
+            vectors[text_rows] = encoded
+        for k, p in enumerate(chosen):
+            if p.embedding is not None:
+                vectors[k] = np.asarray(p.embedding, np.float32)
+        return await project(self.client, vectors)
+
+
+class TritonEmbedder:
+    def __init__(self, client) -> None:
+        self.client = client
+
+    async def prepare(self, passages: Sequence[Passage]) -> tuple[WindowSource, int]:
+        return TritonWindowSource(self.client, passages), 0
