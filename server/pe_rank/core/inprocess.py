@@ -48,10 +48,10 @@ class InProcessEmbedder:
         self.model = model
         self.per_window = per_window
 
-    async def prepare(self, passages: Sequence[Passage]) -> tuple[WindowSource, int]:
+    async def prepare(self, passages: Sequence[Passage]) -> WindowSource:
         if self.per_window:
-            return PerWindowSource(self.model, passages), 0
-        return MatrixSource(self.model.project(_encoder_vectors(self.model, passages))), 0
+            return PerWindowSource(self.model, passages)
+        return MatrixSource(self.model.project(_encoder_vectors(self.model, passages)))
 
 
 def stepper_for(model: PeRankModel) -> TorchStepper:

@@ -11,9 +11,9 @@ from .types import Passage, RankedPassage, RankOptions, RerankRequest, RerankRes
 
 
 class Embedder(Protocol):
-    """Where a request's projected passage embeddings come from; returns (source, cache hits)."""
+    """Where a request's projected passage embeddings come from (a source may count cache hits)."""
 
-    async def prepare(self, passages: Sequence[Passage]) -> tuple[WindowSource, int]: ...
+    async def prepare(self, passages: Sequence[Passage]) -> WindowSource: ...
 
 
 class Reranker:
@@ -26,7 +26,7 @@ class Reranker:
         """Rank a request that has already been validated."""
         timings = timings if timings is not None else Timings()
         t0 = time.perf_counter()
-        source, cache_hits = await self.embedder.prepare(request.passages)
+        source = await self.embedder.prepare(request.passages)
         timings.encode_ms += (time.perf_counter() - t0) * 1e3
         options = RankOptions(request.window_size, request.stride, request.mode, request.top_n or None)
         n = len(request.passages)
@@ -42,4 +42,5 @@ class Reranker:
             )
             for rank, i in enumerate(keep)
         ]
-        return RerankResult(ranking=ranking, stats=stats, timings=timings, cache_hits=cache_hits)
+        return RerankResult(ranking=ranking, stats=stats, timings=timings,
+                            cache_hits=getattr(source, "cache_hits", 0))

@@ -9,12 +9,9 @@ import asyncio
 import itertools
 import os
 import random
-from typing import Sequence
 
 import numpy as np
 
-from ..core.ranker import WindowSource
-from ..core.types import Passage
 
 LLM_MODEL = "pe_llm"
 EMBED_MODEL = "pe_embed"
@@ -89,39 +86,3 @@ async def project(client, vectors: np.ndarray) -> np.ndarray:
     """pe_projector for caller-supplied encoder embeddings [n, E]."""
     result = await client.infer(PROJECTOR_MODEL, [_tensor("ENCODER_EMBEDDING", np.ascontiguousarray(vectors, np.float32), "FP32")])
     return result.as_numpy("PROJECTED")
-
-
-class TritonWindowSource:
-    """Each window's passages embedded together, like the reference (its padding, its batch).
-
-    All-text windows use pe_embed's projection directly; windows with caller-supplied
-    encoder embeddings project the whole window through pe_projector.
-    """
-
-    def __init__(self, client, passages: Sequence[Passage]) -> None:
-        self.client = client
-        self.passages = passages
-
-    async def window(self, indices: list[int]) -> np.ndarray:
-        chosen = [self.passages[i] for i in indices]
-        text_rows = [k for k, p in enumerate(chosen) if p.embedding is None]
-        if len(text_rows) == len(chosen):
-            projected, _ = await embed_texts(self.client, [p.text for p in chosen])
-            return projected
-        size = len(np.asarray(next(p.embedding for p in chosen if p.embedding is not None)))
-        vectors = np.zeros((len(chosen), size), dtype=np.float32)
-        if text_rows:
-            _, encoded = await embed_texts(self.client, [chosen[k].text for k in text_rows])
-            vectors[text_rows] = encoded
-        for k, p in enumerate(chosen):
-            if p.embedding is not None:
-                vectors[k] = np.asarray(p.embedding, np.float32)
-        return await project(self.client, vectors)
-
-
-class TritonEmbedder:
-    def __init__(self, client) -> None:
-        self.client = client
-
-    async def prepare(self, passages: Sequence[Passage]) -> tuple[WindowSource, int]:
-        return TritonWindowSource(self.client, passages), 0

@@ -1,0 +1,93 @@
+"""Wiring: gRPC server with the Ranker, health and reflection services; drain on stop."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from ..v1 import ranker_pb2_grpc as pb_grpc
+from .app import SERVICE_NAME, RankerService, RepositoryView, ServiceConfig
+from .metrics import Metrics
+from .pool import TritonPool
+
+log = logging.getLogger("pe_rank.service")
+
+
+class RankingServer:
+    """Start with ``await start()``; ``await stop()`` drains in-flight requests first."""
+
+    def __init__(self, config: ServiceConfig) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.health = health_aio.HealthServicer()
+        self.pool = TritonPool(config.triton_urls, on_health_change=self._health_changed, poll_s=config.health_poll_s)
+        self.server: grpc.aio.Server | None = None
+        self.port: int | None = None
+        self._pending_health: set[asyncio.Task] = set()
+
+    def _health_changed(self, serving: bool) -> None:
+        task = asyncio.get_running_loop().create_task(self._set_health(serving))
+        self._pending_health.add(task)
+        task.add_done_callback(self._pending_health.discard)
+
+    async def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+        log.info("health: %s", "SERVING" if serving else "NOT_SERVING")
+
+    async def start(self) -> int:
+        repo = RepositoryView(self.config.repository)
+        limit = self.config.max_message_mb << 20
+        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
+                                               ("grpc.max_send_message_length", limit)])
+        self.service = RankerService(self.config, repo, self.pool, self.metrics)
+        pb_grpc.add_RankerServicer_to_server(self.service, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server)
+        address = f"{self.config.host}:{self.config.port}"
+        if self.config.tls_cert and self.config.tls_key:
+            creds = grpc.ssl_server_credentials([(self.config.tls_key.read_bytes(), self.config.tls_cert.read_bytes())])
+            self.port = self.server.add_secure_port(address, creds)
+        else:
+            self.port = self.server.add_insecure_port(address)
+        await self._set_health(False)
+        await self.pool.start()
+        await self._set_health(self.pool.serving)
+        if self.config.metrics_port is not None:
+            from prometheus_client import start_http_server
+
+            start_http_server(self.config.metrics_port, addr=self.config.host, registry=self.metrics.registry)
+        await self.server.start()
+        log.info("pe-rank serving on %s:%s (Triton: %s)", self.config.host, self.port, ", ".join(self.config.triton_urls))
+        return self.port
+
+    async def stop(self) -> None:
+        """NOT_SERVING first (load balancers move away), then let in-flight requests finish."""
+        if self.server is None:
+            return
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.config.grace_s)
+        await self.pool.close()
+        self.server = None
+
+
+async def serve_until_signalled(config: ServiceConfig) -> None:
+    server = RankingServer(config)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"pe-rank ready on {config.host}:{server.port}. Try:\n"
+          f"  pe-rank rerank --server {config.host}:{server.port} --input examples/dl19_request.json", flush=True)
+    await stop.wait()
+    log.info("stopping: draining in-flight requests (up to %.0f s)", config.grace_s)
+    await server.stop()
