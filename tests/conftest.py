@@ -63,3 +63,45 @@ def conformance_models():
     from pe_rank.core.inprocess import load_in_process
 
     return {name: load_in_process(CONFORMANCE / name) for name in CHECKPOINTS}
+
+
+# ---- real Triton servers on exported tiny repositories (shared by the Triton and server tests)
+
+SEQUENCE_IDLE_S = 4.0
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """exported(name, target) -> repository path; conformance checkpoints or 'tiny'."""
+    from pe_rank_export.repository import ExportOptions, export_repository
+
+    made: dict[tuple[str, str], Path] = {}
+
+    def get(name: str, target: str = "torch") -> Path:
+        if (name, target) not in made:
+            repo = tmp_path_factory.mktemp(f"repo-{name}-{target}")
+            export_repository(CONFORMANCE / name, repo,
+                              ExportOptions(target=target, gpu=False, llm_idle_us=int(SEQUENCE_IDLE_S * 1e6)),
+                              log=lambda *_: None)
+            made[(name, target)] = repo
+        return made[(name, target)]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tritons(exported):
+    """tritons(name, target) -> a running TritonServer for that exported repository (started once)."""
+    from pe_rank.triton.embedded import TritonServer
+
+    running: dict[tuple[str, str], TritonServer] = {}
+
+    def get(name: str, target: str = "torch") -> TritonServer:
+        key = (name, target)
+        if key not in running or not running[key].is_alive():
+            running[key] = TritonServer(exported(name, target)).start()
+        return running[key]
+
+    yield get
+    for server in running.values():
+        server.stop()

@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _PASSTHROUGH = {
-    "triton": ("pe_rank.triton.launcher", "cli_main"),
+    "triton": ("pe_rank.triton.embedded", "cli_main"),
     "export": ("pe_rank_export.cli", "cli_main"),
     "serve": ("pe_rank.service.cli", "cli_main"),
 }

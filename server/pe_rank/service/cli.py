@@ -49,7 +49,7 @@ def cli_main(argv: list[str]) -> int:
     if config.triton_urls:
         asyncio.run(serve_until_signalled(config))
         return 0
-    from ..triton.launcher import TritonServer
+    from ..triton.embedded import TritonServer
 
     with TritonServer(args.repository) as triton:
         config.triton_urls = [triton.grpc_url]
