@@ -1,0 +1,329 @@
+"""The gRPC ranking service end to end: real Triton, real `pe-rank serve`, real gRPC clients."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tclient
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from conftest import CONFORMANCE, case_id, conformance_cases
+from pe_rank.client import AsyncRankerClient, RankerClient
+from pe_rank.core.types import Passage, RerankRequest
+from pe_rank.triton.embedded import TritonServer, free_port
+from pe_rank.v1 import ranker_pb2 as pb
+
+pytestmark = pytest.mark.triton
+
+
+class Service:
+    """`pe-rank serve` as a subprocess, pointed at Triton servers we control."""
+
+    def __init__(self, repository: Path, triton_urls: list[str], *args: str) -> None:
+        self.port, self.metrics_port = free_port(), free_port()
+        cmd = [sys.executable, "-m", "pe_rank", "serve", "--repository", str(repository), "--port", str(self.port),
+               "--metrics-port", str(self.metrics_port), "--grace", "5", *args]
+        for url in triton_urls:
+            cmd += ["--triton-url", url]
+        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"pe-rank-serve-{self.port}.log", "w+")
+        self.process = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.target = f"127.0.0.1:{self.port}"
+        self.client = RankerClient(self.target)
+        self.wait_health(health_pb2.HealthCheckResponse.SERVING, timeout=90)
+
+    def health(self) -> int:
+        with grpc.insecure_channel(self.target) as channel:
+            try:
+                return health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service="pe_rank.v1.Ranker"), timeout=2).status
+            except grpc.RpcError:
+                return -1
+
+    def wait_health(self, status: int, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.output()
+            if self.health() == status:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"health never became {status}:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()[-4000:]
+
+    def stop(self) -> None:
+        self.client.close()
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def services(tritons, exported):
+    running: dict[str, Service] = {}
+
+    def get(name: str) -> Service:
+        if name not in running:
+            running[name] = Service(exported(name), [tritons(name).grpc_url])
+        return running[name]
+
+    yield get
+    for service in running.values():
+        service.stop()
+
+
+def live_sequences(triton_url: str) -> int:
+    """pe_llm's count of held windows, via a bare START+END probe."""
+    with tclient.InferenceServerClient(triton_url) as client:
+        result = client.infer("pe_llm", [], sequence_id=int(np.random.randint(1, 2**62)),
+                              sequence_start=True, sequence_end=True)
+        return int(result.as_numpy("LIVE_SEQUENCES")[0])
+
+
+def request_of(case: dict, **extra) -> pb.RerankRequest:
+    r = case["request"]
+    msg = pb.RerankRequest(query=r["query"], window_size=r["window_size"], stride=r["stride"], **extra)
+    for p in r["passages"]:
+        msg.passages.add(id=p["id"], text=p["text"])
+    return msg
+
+
+def big_request(dl19, n: int = 100, qi: int = 0) -> pb.RerankRequest:
+    q = dl19[qi]
+    msg = pb.RerankRequest(query=q["query"])
+    for h in q["hits"][:n]:
+        msg.passages.add(id=h["docid"], text=h["content"])
+    return msg
+
+
+@pytest.mark.parametrize("item", conformance_cases(), ids=case_id)
+def test_conformance_through_the_server(services, item):
+    name, _, case = item
+    response = services(name).client.rerank(request_of(case))
+    assert [r.id for r in response.ranks] == case["expected_ranking"]
+    assert [r.index for r in response.ranks] == [
+        [p["id"] for p in case["request"]["passages"]].index(i) for i in case["expected_ranking"]]
+
+
+def test_response_metadata_and_text(services, dl19):
+    service = services("tiny-a")
+    response = service.client.rerank(big_request(dl19, 30), timeout=60)
+    m = response.metadata
+    assert (m.windows, m.decode_steps) == (2, 18 + 18) and m.prompt_tokens > 0 and len(m.request_id) == 16
+    assert m.timings.total_ms >= m.timings.encode_ms + m.timings.prefill_ms + m.timings.decode_ms > 0
+    assert not response.ranks[0].HasField("text")
+    with_text = service.client.rerank(pb.RerankRequest(query="fleas", return_text=True, top_n=2,
+                                                       passages=[pb.Passage(id="a", text="flea one"),
+                                                                 pb.Passage(id="b", text="flea two"),
+                                                                 pb.Passage(id="c", text="dog")]))
+    assert len(with_text.ranks) == 2
+    assert {r.id: r.text for r in with_text.ranks} == {r.id: {"a": "flea one", "b": "flea two", "c": "dog"}[r.id]
+                                                        for r in with_text.ranks}
+
+
+def test_precomputed_embeddings_match_in_process(services, dl19):
+    from pe_rank.core.inprocess import load_in_process
+
+    model, reranker = load_in_process(CONFORMANCE / "tiny-b")
+    q = dl19[2]
+    texts = [h["content"] for h in q["hits"][:25]]
+    vectors = model.encode(texts)
+    request = RerankRequest(q["query"], tuple(Passage(str(i), "", v) for i, v in enumerate(vectors)))
+    expected = [r.id for r in asyncio.run(reranker.rerank(request)).ranking]
+    msg = pb.RerankRequest(query=q["query"])
+    for i, v in enumerate(vectors):
+        msg.passages.add(id=str(i), embedding=v.tolist())
+    assert [r.id for r in services("tiny-b").client.rerank(msg).ranks] == expected
+
+
+BAD_REQUESTS = [
+    (dict(query="", passages=[pb.Passage(id="a", text="x")]), "query"),
+    (dict(query="q"), "passages"),
+    (dict(query="q", passages=[pb.Passage(id="a", text="")]), "passages[0].text"),
+    (dict(query="q", passages=[pb.Passage(id="a", text="flea " * 900)], truncate=False), "passages[0].text"),
+    (dict(query="q", passages=[pb.Passage(id="a", embedding=[0.1] * 5)]), "passages[0].embedding"),
+    (dict(query="q", passages=[pb.Passage(id="a", embedding=[float("nan")] * 32)]), "passages[0].embedding"),
+    (dict(query="q", passages=[pb.Passage(id="a", embedding=[float("inf")] * 32)]), "passages[0].embedding"),
+    (dict(query="q", passages=[pb.Passage(id="a", text="x")], window_size=1), "window_size"),
+    (dict(query="q", passages=[pb.Passage(id="a", text="x")], stride=0), "stride"),
+    (dict(query="q", passages=[pb.Passage(id="a", text="x")], window_size=10, stride=10), "stride"),
+    (dict(query="q", passages=[pb.Passage(id="a", text="x")], top_n=-3), "top_n"),
+    (dict(query="q", passages=[pb.Passage(id="a", text="x"), pb.Passage(id="a", text="y")]), "passages[1].id"),
+    (dict(query="q", passages=[pb.Passage(id=str(i), text="x") for i in range(1001)]), "passages"),
+    (dict(query="<PLACEHOLDER>", passages=[pb.Passage(id="a", text="x")]), "query"),
+]
+
+
+@pytest.mark.parametrize("fields,field", BAD_REQUESTS, ids=[f for _, f in BAD_REQUESTS])
+def test_bad_input_is_invalid_argument_naming_the_field(services, fields, field):
+    with pytest.raises(grpc.RpcError) as err:
+        services("tiny-a").client.rerank(pb.RerankRequest(**fields), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith(field + ":")
+
+
+def test_sixteen_concurrent_requests_are_all_correct(services):
+    service = services("tiny-b")
+    cases = [c for name, _, c in conformance_cases() if name == "tiny-b"]
+    jobs = [cases[i % len(cases)] for i in range(16)]
+
+    async def run_all():
+        async with AsyncRankerClient(service.target) as client:
+            return await asyncio.gather(*(client.rerank(request_of(c), timeout=120) for c in jobs))
+
+    responses = asyncio.run(run_all())
+    for case, response in zip(jobs, responses):
+        assert [r.id for r in response.ranks] == case["expected_ranking"]
+
+
+def test_deadline_exceeded_leaves_no_sequence(services, tritons, dl19):
+    service, url = services("tiny-a"), tritons("tiny-a").grpc_url
+    baseline = live_sequences(url)
+    with pytest.raises(grpc.RpcError) as err:
+        service.client.rerank(big_request(dl19, 100, qi=7), timeout=0.3)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    _settles_to(lambda: live_sequences(url), baseline, within=3.0)  # well inside the idle timeout
+
+
+def test_cancelled_call_leaves_no_sequence(services, tritons, dl19):
+    service, url = services("tiny-a"), tritons("tiny-a").grpc_url
+    baseline = live_sequences(url)
+
+    async def cancel_midway():
+        async with AsyncRankerClient(service.target) as client:
+            call = client.stub.Rerank(big_request(dl19, 100, qi=8))
+            await asyncio.sleep(0.4)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+
+    asyncio.run(cancel_midway())
+    _settles_to(lambda: live_sequences(url), baseline, within=3.0)
+    assert services("tiny-a").client.rerank(big_request(dl19, 20), timeout=60).ranks
+
+
+def _settles_to(probe, expected, within: float) -> None:
+    deadline = time.monotonic() + within
+    while (value := probe()) != expected and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert value == expected
+
+
+def test_resource_exhausted_above_max_concurrent(tritons, exported, dl19):
+    service = Service(exported("tiny-a"), [tritons("tiny-a").grpc_url], "--max-concurrent", "1")
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(_status_of, service.client, big_request(dl19, 100, qi=i)) for i in range(4)]
+            codes = [f.result() for f in futures]
+        assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes and grpc.StatusCode.OK in codes
+    finally:
+        service.stop()
+
+
+def _status_of(client: RankerClient, msg) -> grpc.StatusCode:
+    try:
+        client.rerank(msg, timeout=120)
+        return grpc.StatusCode.OK
+    except grpc.RpcError as exc:
+        return exc.code()
+
+
+def test_triton_down_gives_unavailable_then_recovers(exported, dl19):
+    repo = exported("tiny-b")
+    triton = TritonServer(repo).start()
+    service = Service(repo, [triton.grpc_url], "--embeddings", "cached")
+    try:
+        assert service.client.rerank(big_request(dl19, 20), timeout=60).ranks
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(_status_of, service.client, big_request(dl19, 100, qi=3))
+            time.sleep(0.5)
+            triton.kill()
+            assert pending.result() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.OK)
+        assert _status_of(service.client, big_request(dl19, 20)) == grpc.StatusCode.UNAVAILABLE
+        service.wait_health(health_pb2.HealthCheckResponse.NOT_SERVING, timeout=10)
+        triton = TritonServer(repo, grpc_port=triton.grpc_port, http_port=triton.http_port,
+                              metrics_port=triton.metrics_port).start()
+        service.wait_health(health_pb2.HealthCheckResponse.SERVING, timeout=30)
+        assert service.client.rerank(big_request(dl19, 20), timeout=60).ranks
+        assert service.process.poll() is None
+    finally:
+        service.stop()
+        triton.stop()
+
+
+def test_requests_spread_over_several_tritons_and_stay_correct(tritons, exported):
+    """Two Triton servers behind one service; every request (and its windows) on one of them."""
+    repo = exported("tiny-b")
+    second = TritonServer(repo).start()
+    service = Service(repo, [tritons("tiny-b").grpc_url, second.grpc_url])
+    cases = [c for name, _, c in conformance_cases() if name == "tiny-b"]
+    try:
+        async def run_all():
+            async with AsyncRankerClient(service.target) as client:
+                return await asyncio.gather(*(client.rerank(request_of(c), timeout=120) for c in cases * 2))
+
+        for case, response in zip(cases * 2, asyncio.run(run_all())):
+            assert [r.id for r in response.ranks] == case["expected_ranking"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{second.metrics_port}/metrics") as page:
+            served = [line for line in page.read().decode().splitlines()
+                      if line.startswith('nv_inference_request_success{model="pe_llm"')]
+        assert served and float(served[0].rsplit(" ", 1)[1]) > 0, "the second Triton got no windows"
+    finally:
+        service.stop()
+        second.stop()
+
+
+def test_cached_embeddings_hit_on_repeat(tritons, exported, dl19):
+    service = Service(exported("tiny-a"), [tritons("tiny-a").grpc_url], "--embeddings", "cached")
+    try:
+        first = service.client.rerank(big_request(dl19, 40, qi=5), timeout=60)
+        second = service.client.rerank(big_request(dl19, 40, qi=5), timeout=60)
+        assert first.metadata.cache_hits == 0 and second.metadata.cache_hits == 40
+        assert [r.id for r in first.ranks] == [r.id for r in second.ranks]
+    finally:
+        service.stop()
+
+
+def test_model_info_health_reflection_and_metrics(services):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    service = services("tiny-a")
+    info = service.client.model_info()
+    assert (info.hidden_size, info.embedding_size, info.max_passages) == (64, 32, 1000)
+    assert info.embedding_mode == "exact" and "pe_llm" in info.triton_models
+    assert service.health() == health_pb2.HealthCheckResponse.SERVING
+    with grpc.insecure_channel(service.target) as channel:
+        names = ProtoReflectionDescriptorDatabase(channel).get_services()
+    assert "pe_rank.v1.Ranker" in names and "grpc.health.v1.Health" in names
+    with urllib.request.urlopen(f"http://127.0.0.1:{service.metrics_port}/metrics") as page:
+        text = page.read().decode()
+    assert 'pe_rank_requests_total{status="OK"}' in text
+    assert 'pe_rank_requests_total{status="INVALID_ARGUMENT"}' in text
+    assert "pe_rank_request_duration_seconds_bucket" in text and "pe_rank_requests_in_flight" in text
+
+
+def test_cli_rerank_through_the_server(services, dl19, tmp_path):
+    service = services("tiny-a")
+    q = dl19[0]
+    req = tmp_path / "req.json"
+    req.write_text(json.dumps({"query": q["query"], "top_n": 5,
+                               "passages": [{"id": h["docid"], "text": h["content"]} for h in q["hits"][:25]]}))
+    proc = subprocess.run([sys.executable, "-m", "pe_rank", "rerank", "--server", service.target, "--input", str(req),
+                           "--json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    remote = json.loads(proc.stdout)
+    local = subprocess.run([sys.executable, "-m", "pe_rank", "rerank", "--model", str(CONFORMANCE / "tiny-a"),
+                            "--input", str(req), "--json"], capture_output=True, text=True, timeout=120)
+    assert [r["id"] for r in remote["ranking"]] == [r["id"] for r in json.loads(local.stdout)["ranking"]]
+    assert len(remote["ranking"]) == 5
