@@ -9,7 +9,7 @@ DEMO   := models/demo
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install protos test serve demo-model clean
+.PHONY: install protos test serve demo-model demo-repository clean
 
 install: $(STAMP) protos
 
@@ -38,8 +38,16 @@ demo-model: $(DEMO)/config.json
 $(DEMO)/config.json: | $(STAMP)
 	$(BIN)/pe-rank make-model demo --out $(DEMO)
 
-serve: install demo-model
-	$(BIN)/pe-rank rerank --model $(DEMO) --input examples/dl19_request.json
+# The demo checkpoint exported into model_repository/ (torch target: reference-exact numerics).
+demo-repository: model_repository/pe_llm/1/pe_llm.json
+
+model_repository/pe_llm/1/pe_llm.json: $(DEMO)/config.json
+	$(BIN)/pe-rank export --model $(DEMO) --repository model_repository --target torch
+
+# Embedded Triton + gRPC server on 127.0.0.1:50051; prints how to call it. Ctrl-C stops both.
+serve: install demo-repository
+	$(BIN)/pe-rank serve --repository model_repository --port 50051
 
 clean:
 	rm -rf $(VENV) $(STUBS) models
+	git clean -fdX model_repository

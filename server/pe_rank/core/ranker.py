@@ -107,25 +107,40 @@ async def rank_window(
         await session.end()
 
 
+class WindowRanker(Protocol):
+    """Ranks one window (passage indices, best first) and says what it cost."""
+
+    async def __call__(self, window: list[int], emit: int) -> tuple[list[int], RankStats]: ...
+
+
+async def slide(n: int, options: RankOptions, rank_one: WindowRanker) -> tuple[list[int], RankStats]:
+    """The sliding-window pass shared by every ranker: each window's order replaces its slice."""
+    order = list(range(n))
+    stats = RankStats()
+    bounds = window_bounds(n, options.window_size, options.stride)
+    for k, (start, end) in enumerate(bounds):
+        window = order[start:end]
+        local, cost = await rank_one(window, emissions_needed(bounds, k, options.top_n))
+        order[start:end] = [window[i] for i in local]
+        stats.windows += 1
+        stats.prompt_tokens += cost.prompt_tokens
+        stats.decode_steps += cost.decode_steps
+    return order, stats
+
+
 async def rank_passages(
     backend: StepBackend, prompts: PromptBuilder, query: str, n: int, source: WindowSource,
     options: RankOptions, timings: Timings | None = None,
 ) -> tuple[list[int], RankStats]:
-    """Rerank passages 0..n-1; returns their indices, best first."""
+    """PE-Rank over passages 0..n-1; returns their indices, best first."""
     timings = timings if timings is not None else Timings()
-    order = list(range(n))
-    stats = RankStats()
-    bounds = window_bounds(len(order), options.window_size, options.stride)
-    for k, (start, end) in enumerate(bounds):
-        window = order[start:end]
+
+    async def rank_one(window: list[int], emit: int) -> tuple[list[int], RankStats]:
         prompt_ids, _ = prompts.build(query, len(window))
-        emit = emissions_needed(bounds, k, options.top_n)
         t0 = time.perf_counter()
         embeds = await source.window(window)
         timings.encode_ms += (time.perf_counter() - t0) * 1e3
         local, steps = await rank_window(backend, prompt_ids, embeds, options.mode, emit, timings)
-        order[start:end] = [window[i] for i in local]
-        stats.windows += 1
-        stats.prompt_tokens += len(prompt_ids)
-        stats.decode_steps += steps
-    return order, stats
+        return local, RankStats(prompt_tokens=len(prompt_ids), decode_steps=steps)
+
+    return await slide(n, options, rank_one)
