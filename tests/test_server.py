@@ -29,7 +29,7 @@ pytestmark = pytest.mark.triton
 class Service:
     """`pe-rank serve` as a subprocess, pointed at Triton servers we control."""
 
-    def __init__(self, repository: Path, triton_urls: list[str], *args: str) -> None:
+    def __init__(self, repository: Path, triton_urls: list[str], *args: str, root_cert: Path | None = None) -> None:
         self.port, self.metrics_port = free_port(), free_port()
         cmd = [sys.executable, "-m", "pe_rank", "serve", "--repository", str(repository), "--port", str(self.port),
                "--metrics-port", str(self.metrics_port), "--grace", "5", *args]
@@ -38,11 +38,17 @@ class Service:
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"pe-rank-serve-{self.port}.log", "w+")
         self.process = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         self.target = f"127.0.0.1:{self.port}"
-        self.client = RankerClient(self.target)
+        self.root_cert = root_cert
+        self.client = RankerClient(self.target, root_cert=root_cert)
         self.wait_health(health_pb2.HealthCheckResponse.SERVING, timeout=90)
 
+    def channel(self) -> grpc.Channel:
+        if self.root_cert:
+            return grpc.secure_channel(self.target, grpc.ssl_channel_credentials(self.root_cert.read_bytes()))
+        return grpc.insecure_channel(self.target)
+
     def health(self) -> int:
-        with grpc.insecure_channel(self.target) as channel:
+        with self.channel() as channel:
             try:
                 return health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(service="pe_rank.v1.Ranker"), timeout=2).status
@@ -299,6 +305,8 @@ def test_model_info_health_reflection_and_metrics(services):
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
     service = services("tiny-a")
+    service.client.rerank(pb.RerankRequest(query="q", passages=[pb.Passage(id="a", text="x")]), timeout=30)
+    assert _status_of(service.client, pb.RerankRequest(query="q")) == grpc.StatusCode.INVALID_ARGUMENT
     info = service.client.model_info()
     assert (info.hidden_size, info.embedding_size, info.max_passages) == (64, 32, 1000)
     assert info.embedding_mode == "exact" and "pe_llm" in info.triton_models
@@ -327,3 +335,19 @@ def test_cli_rerank_through_the_server(services, dl19, tmp_path):
                             "--input", str(req), "--json"], capture_output=True, text=True, timeout=120)
     assert [r["id"] for r in remote["ranking"]] == [r["id"] for r in json.loads(local.stdout)["ranking"]]
     assert len(remote["ranking"]) == 5
+
+
+def test_tls(tritons, exported, tmp_path, dl19):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True)
+    service = Service(exported("tiny-a"), [tritons("tiny-a").grpc_url], "--tls-cert", str(cert), "--tls-key", str(key),
+                      root_cert=cert)
+    try:
+        assert service.client.rerank(big_request(dl19, 5), timeout=60).ranks
+        with RankerClient(service.target) as plaintext, pytest.raises(grpc.RpcError) as err:
+            plaintext.rerank(big_request(dl19, 5), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        service.stop()
