@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_make_model(sub)
     _add_rerank(sub)
     _add_triton(sub)
-    for name, module in (("export", "pe_rank_export.cli"), ("serve", "pe_rank.service.cli")):
+    for name, module in (("export", "pe_rank_export.cli"), ("serve", "pe_rank.service.cli"),
+                         ("bench", "pe_rank.bench.cli")):
         p = sub.add_parser(name, add_help=False, help=f"see `pe-rank {name} --help`")
         p.set_defaults(func=None, passthrough=name)
     return parser
@@ -115,6 +116,7 @@ _PASSTHROUGH = {
     "triton": ("pe_rank.triton.embedded", "cli_main"),
     "export": ("pe_rank_export.cli", "cli_main"),
     "serve": ("pe_rank.service.cli", "cli_main"),
+    "bench": ("pe_rank.bench.cli", "cli_main"),
 }
 
 
