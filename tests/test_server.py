@@ -153,6 +153,13 @@ def test_precomputed_embeddings_match_in_process(services, dl19):
     assert [r.id for r in services("tiny-b").client.rerank(msg).ranks] == expected
 
 
+def test_a_window_of_100_passages(services, dl19):
+    msg = big_request(dl19, 100, qi=4)
+    msg.window_size, msg.stride = 100, 50
+    response = services("tiny-a").client.rerank(msg, timeout=120)
+    assert sorted(r.index for r in response.ranks) == list(range(100)) and response.metadata.windows == 1
+
+
 BAD_REQUESTS = [
     (dict(query="", passages=[pb.Passage(id="a", text="x")]), "query"),
     (dict(query="q"), "passages"),

@@ -7,7 +7,7 @@ machine; a test keeps the two in sync.
 from __future__ import annotations
 
 TARGETS = ("torch", "python", "onnxruntime", "tensorrt")
-MAX_BATCH = 64
+MAX_BATCH = 128  # >= the service's largest window (100): a window is one pe_embed request
 LLM_IDLE_US = 60_000_000
 
 

@@ -84,7 +84,8 @@ async def rank_window(
     session = backend.session()
     try:
         t0 = time.perf_counter()
-        scores = _check_finite(await session.start(prompt_ids, embeds))
+        only_prefill = mode is Mode.FIRST or n <= 2 or emit <= 1
+        scores = _check_finite(await session.start(prompt_ids, embeds, last=only_prefill))
         timings.prefill_ms += (time.perf_counter() - t0) * 1e3
         remaining = np.ones(n, dtype=bool)
         if mode is Mode.FIRST:
@@ -99,7 +100,8 @@ async def rank_window(
             left = np.flatnonzero(remaining)
             if len(left) <= 1 or len(order) >= emit:
                 break
-            scores = _check_finite(await session.step(pick))
+            last = len(left) <= 2 or len(order) + 1 >= emit  # the pick after this step ends the window
+            scores = _check_finite(await session.step(pick, last=last))
             steps += 1
         timings.decode_ms += (time.perf_counter() - t0) * 1e3
         return order + _descending(scores, left), steps

@@ -14,11 +14,16 @@ from torch import nn
 
 
 class StepSession(Protocol):
-    """One window's decoding state: start once, step per emitted passage, end to free it."""
+    """One window's decoding state: start once, step per emitted passage, end to free it.
 
-    async def start(self, prompt_ids: np.ndarray, passage_embeds: np.ndarray) -> np.ndarray: ...
+    ``last=True`` tells the backend no further call follows, so it may free the state with
+    that call (Triton: the END flag rides on it, saving a round trip); ``end()`` is still
+    always called and must then be a no-op.
+    """
 
-    async def step(self, index: int) -> np.ndarray: ...
+    async def start(self, prompt_ids: np.ndarray, passage_embeds: np.ndarray, last: bool = False) -> np.ndarray: ...
+
+    async def step(self, index: int, last: bool = False) -> np.ndarray: ...
 
     async def end(self) -> None: ...
 
@@ -90,11 +95,11 @@ class InProcessSession:
         self._stepper = stepper
         self._state: WindowState | None = None
 
-    async def start(self, prompt_ids: np.ndarray, passage_embeds: np.ndarray) -> np.ndarray:
+    async def start(self, prompt_ids: np.ndarray, passage_embeds: np.ndarray, last: bool = False) -> np.ndarray:
         self._state, scores = self._stepper.start(prompt_ids, passage_embeds)
         return scores
 
-    async def step(self, index: int) -> np.ndarray:
+    async def step(self, index: int, last: bool = False) -> np.ndarray:
         if self._state is None:
             raise RuntimeError("step before start")
         return self._stepper.step(self._state, index)

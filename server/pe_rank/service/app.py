@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -68,9 +70,16 @@ class RepositoryView:
         self.prompts = PromptBuilder(load_prompt_tokenizer(checkpoint))
         self.encoder_tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
         self.encoder_config = json.loads((self.info.encoder_dir / "config.json").read_text())
+        self.max_batch = _max_batch_size(repository / "pe_encoder" / "config.pbtxt")
 
     def token_counts(self, texts: list[str]) -> list[int]:
         return [len(ids) for ids in self.encoder_tokenizer(texts, truncation=False)["input_ids"]]
+
+
+def _max_batch_size(config_pbtxt: Path) -> int:
+    """A window is one pe_embed request, so windows may not exceed the encoder's max batch."""
+    match = re.search(r"^max_batch_size:\s*(\d+)", config_pbtxt.read_text(), re.MULTILINE)
+    return int(match.group(1)) if match else 0
 
 
 def _triton_status(exc: Exception) -> grpc.StatusCode | None:
@@ -85,6 +94,9 @@ def _triton_status(exc: Exception) -> grpc.StatusCode | None:
 class RankerService(pb_grpc.RankerServicer):
     def __init__(self, config: ServiceConfig, repo: RepositoryView, pool: TritonPool, metrics: Metrics) -> None:
         self.config, self.repo, self.pool, self.metrics = config, repo, pool, metrics
+        if repo.max_batch and repo.max_batch < config.limits.max_window_size:
+            log.warning("windows capped at %d passages: the repository's max batch size", repo.max_batch)
+            config.limits = dataclasses.replace(config.limits, max_window_size=repo.max_batch)
         self.cache = EmbeddingCache(config.cache_size)
         self.in_flight = 0
 
@@ -132,7 +144,9 @@ class RankerService(pb_grpc.RankerServicer):
         timings = Timings(queue_ms=(time.perf_counter() - started) * 1e3)
         timeout = context.time_remaining()
         async with self.pool.acquire() as server:
-            reranker = Reranker(TritonEmbedder(server.client, self.cache, self.config.embedding_mode),
+            embedder = TritonEmbedder(server.client, self.cache, self.config.embedding_mode,
+                                      batch=self.repo.max_batch or 64)
+            reranker = Reranker(embedder,
                                 TritonStepBackend(server.client), self.repo.prompts)
             try:
                 result = await asyncio.wait_for(reranker.rerank(req, timings), timeout)
@@ -169,7 +183,7 @@ class RankerService(pb_grpc.RankerServicer):
             hidden_size=info.hidden_size, embedding_size=info.embedding_size,
             triton_models=list(REQUIRED_MODELS), triton_urls=[s.url for s in self.pool.servers],
             default_window_size=20, default_stride=10, max_passages=c.max_passages,
-            max_window_size=c.max_window_size, max_encoder_tokens=ENCODER_MAX_TOKENS,
+            max_window_size=c.limits.max_window_size, max_encoder_tokens=ENCODER_MAX_TOKENS,
             max_concurrent_requests=c.max_concurrent, embedding_mode=c.embedding_mode, cache_size=c.cache_size,
         )
 

@@ -36,7 +36,7 @@ class TritonSession:
         self.client = client
         self.corrid = corrid
         self.timeout_s = timeout_s
-        self.started = False
+        self.open = False  # Triton holds a sequence that still needs an END
 
     async def _infer(self, inputs: list, start: bool = False, end: bool = False) -> np.ndarray:
         result = await self.client.infer(
@@ -45,21 +45,23 @@ class TritonSession:
         )
         return result.as_numpy("SCORES")
 
-    async def start(self, prompt_ids: np.ndarray, passage_embeds: np.ndarray) -> np.ndarray:
-        self.started = True
+    async def start(self, prompt_ids: np.ndarray, passage_embeds: np.ndarray, last: bool = False) -> np.ndarray:
+        self.open = not last
         return await self._infer([
             _tensor("PROMPT_IDS", np.ascontiguousarray(prompt_ids, dtype=np.int64), "INT64"),
             _tensor("PASSAGE_EMBEDS", np.ascontiguousarray(passage_embeds, dtype=np.float32), "FP32"),
-        ], start=True)
+        ], start=True, end=last)
 
-    async def step(self, index: int) -> np.ndarray:
-        return await self._infer([_tensor("CHOICE", np.array([index], dtype=np.int64), "INT64")])
+    async def step(self, index: int, last: bool = False) -> np.ndarray:
+        scores = await self._infer([_tensor("CHOICE", np.array([index], dtype=np.int64), "INT64")], end=last)
+        self.open = not last
+        return scores
 
     async def end(self) -> None:
-        """Free the sequence even when the caller was cancelled: shielded, errors swallowed."""
-        if not self.started:
+        """Free the sequence unless the last call already did; shielded from cancellation, errors swallowed."""
+        if not self.open:
             return
-        self.started = False
+        self.open = False
         try:
             await asyncio.shield(self._infer([], end=True))
         except Exception:  # Triton down or sequence already expired: nothing left to free
