@@ -15,20 +15,20 @@ CONFORMANCE = DATA / "conformance"
 CHECKPOINTS = ("tiny-a", "tiny-b")
 
 
-def conformance_cases() -> list[tuple[str, int, dict]]:
+def _conformance(section: str) -> list[tuple[str, int, dict]]:
     out = []
     for name in CHECKPOINTS:
-        cases = json.loads((CONFORMANCE / f"{name}.cases.json").read_text())["cases"]
-        out += [(name, i, c) for i, c in enumerate(cases)]
+        items = json.loads((CONFORMANCE / f"{name}.cases.json").read_text())[section]
+        out += [(name, i, item) for i, item in enumerate(items)]
     return out
+
+
+def conformance_cases() -> list[tuple[str, int, dict]]:
+    return _conformance("cases")
 
 
 def conformance_prompts() -> list[tuple[str, int, dict]]:
-    out = []
-    for name in CHECKPOINTS:
-        prompts = json.loads((CONFORMANCE / f"{name}.cases.json").read_text())["prompts"]
-        out += [(name, i, p) for i, p in enumerate(prompts)]
-    return out
+    return _conformance("prompts")
 
 
 def case_id(item: tuple[str, int, dict]) -> str:

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from pe_rank.triton.backend_utils import device_of, input_array, model_dir, parameters, respond_each
+from pe_rank.triton.backend_utils import device_of, input_array, model_dir, onnx_session, parameters, respond_each
 
 
 class TritonPythonModel:
@@ -26,10 +26,7 @@ class TritonPythonModel:
             self.device = torch.device(device_of(args))
             self.encoder = AutoModel.from_pretrained(str(folder / "encoder")).eval().to(self.device)
         else:
-            import onnxruntime as ort
-
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device_of(args) != "cpu" else ["CPUExecutionProvider"]
-            self.session = ort.InferenceSession(str(folder / "model.onnx"), providers=providers)
+            self.session = onnx_session(folder / "model.onnx", args)
 
     def execute(self, requests):
         return respond_each(pb_utils, requests, self._encode)

@@ -40,3 +40,12 @@ def input_array(pb_utils: Any, request: Any, name: str, required: bool = True):
             raise ValueError(f"input {name} is required")
         return None
     return tensor.as_numpy()
+
+
+def onnx_session(path: Path, args: dict[str, str]):
+    """onnxruntime on the instance's device (CUDA provider first on a GPU instance)."""
+    import onnxruntime as ort
+
+    gpu = device_of(args) != "cpu"
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if gpu else ["CPUExecutionProvider"]
+    return ort.InferenceSession(str(path), providers=providers)
