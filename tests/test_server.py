@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +35,7 @@ class Service:
                "--metrics-port", str(self.metrics_port), "--grace", "5", *args]
         for url in triton_urls:
             cmd += ["--triton-url", url]
-        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"pe-rank-serve-{self.port}.log", "w+")
+        self.log = tempfile.TemporaryFile(mode="w+")  # read back for failure messages, gone on close
         self.process = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         self.target = f"127.0.0.1:{self.port}"
         self.root_cert = root_cert
