@@ -297,6 +297,38 @@ def test_requests_spread_over_several_tritons_and_stay_correct(tritons, exported
         second.stop()
 
 
+def _llm_requests(triton: TritonServer) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{triton.metrics_port}/metrics") as page:
+        lines = [line for line in page.read().decode().splitlines()
+                 if line.startswith('nv_inference_request_success{model="pe_llm"')]
+    return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
+
+
+def test_a_request_survives_losing_its_triton_when_another_is_ready(exported, dl19):
+    repo = exported("tiny-a")
+    first, second = TritonServer(repo).start(), TritonServer(repo).start()
+    service = Service(repo, [first.grpc_url, second.grpc_url])
+    long_request = big_request(dl19, 100, qi=9)
+    for h in dl19[10]["hits"] + dl19[11]["hits"]:  # 300 passages: 29 windows, surely in flight below
+        long_request.passages.add(id=f"x{len(long_request.passages)}", text=h["content"])
+    try:
+        expected = [r.id for r in service.client.rerank(long_request, timeout=300).ranks]
+        before = _llm_requests(first)
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(service.client.rerank, long_request, 300)
+            deadline = time.monotonic() + 60
+            while _llm_requests(first) == before and time.monotonic() < deadline:
+                time.sleep(0.02)  # idle pool: the request starts on the first server listed
+            first.kill()
+            assert [r.id for r in pending.result().ranks] == expected
+        assert "retrying on another Triton" in service.output()
+        assert service.client.rerank(big_request(dl19, 20), timeout=60).ranks
+    finally:
+        service.stop()
+        first.stop()
+        second.stop()
+
+
 def test_cached_embeddings_hit_on_repeat(tritons, exported, dl19):
     service = Service(exported("tiny-a"), [tritons("tiny-a").grpc_url], "--embeddings", "cached")
     try:

@@ -141,24 +141,37 @@ class RankerService(pb_grpc.RankerServicer):
         validate_request(req, self.repo.info.embedding_size, self.config.limits,
                          token_counts=self.repo.token_counts, max_tokens=ENCODER_MAX_TOKENS)
         self.metrics.passages.inc(len(req.passages))
-        timings = Timings(queue_ms=(time.perf_counter() - started) * 1e3)
-        timeout = context.time_remaining()
+        queue_ms = (time.perf_counter() - started) * 1e3
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        while True:
+            try:
+                result = await self._rank_on_one_server(req, Timings(queue_ms=queue_ms), deadline)
+                break
+            except _TritonFailure as exc:
+                # windows are sequential and all their state lives on one server: a request whose
+                # server went away can start again from scratch on another ready one
+                if exc.code is not grpc.StatusCode.UNAVAILABLE or not self.pool.serving:
+                    raise
+                log.warning("request %s: %s; retrying on another Triton", request_id, exc.message)
+        result.timings.total_ms = (time.perf_counter() - started) * 1e3
+        self.metrics.observe(result)
+        return response_to_proto(result, request_id)
+
+    async def _rank_on_one_server(self, req, timings: Timings, deadline: float | None):
+        timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
         async with self.pool.acquire() as server:
             embedder = TritonEmbedder(server.client, self.cache, self.config.embedding_mode,
                                       batch=self.repo.max_batch or 64)
-            reranker = Reranker(embedder,
-                                TritonStepBackend(server.client), self.repo.prompts)
+            reranker = Reranker(embedder, TritonStepBackend(server.client), self.repo.prompts)
             try:
-                result = await asyncio.wait_for(reranker.rerank(req, timings), timeout)
+                return await asyncio.wait_for(reranker.rerank(req, timings), timeout)
             except ValueError as exc:  # e.g. a query holding the placeholder token's text
                 raise InvalidRequest("query", str(exc)) from None
             except asyncio.TimeoutError:
                 raise
             except Exception as exc:
                 raise self._triton_failure(server, exc) from exc
-        result.timings.total_ms = (time.perf_counter() - started) * 1e3
-        self.metrics.observe(result)
-        return response_to_proto(result, request_id)
 
     def _triton_failure(self, server, exc: Exception) -> Exception:
         code = _triton_status(exc)

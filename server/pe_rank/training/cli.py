@@ -1,0 +1,93 @@
+"""``pe-rank train``: argument parsing; the work is in :mod:`pe_rank.training.train`."""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+STAGES = {"1": (1,), "2": (2,), "both": (1, 2)}
+
+
+def per_stage(kind: Callable[[str], float | int]) -> Callable[[str], tuple]:
+    """``V`` (both stages) or ``V1,V2`` (stage 1, stage 2)."""
+
+    def parse(text: str) -> tuple:
+        parts = text.split(",")
+        if len(parts) not in (1, 2):
+            raise argparse.ArgumentTypeError(f"{text!r}: give V or V1,V2")
+        try:
+            values = tuple(kind(p) for p in parts)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: not a number") from None
+        if any(v <= 0 for v in values):
+            raise argparse.ArgumentTypeError(f"{text!r}: must be positive")
+        return values if len(values) == 2 else values * 2
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pe-rank train",
+        description="Train the projector of a PE-Rank checkpoint (encoder and LLM frozen) into a new "
+                    "checkpoint folder. Per-stage options take V or V1,V2.")
+    p.add_argument("--model", required=True, type=Path, help="input checkpoint folder")
+    p.add_argument("--out", required=True, type=Path, help="new checkpoint folder (created)")
+    p.add_argument("--stage", choices=sorted(STAGES), default="both",
+                   help="1: alignment, 2: ranking, both: 1 then 2 (default)")
+    p.add_argument("--data", type=Path, default=Path("data/train"), help="folder of bm25_*.json.gz and qrels")
+    p.add_argument("--steps", type=per_stage(int), default=(100, 100), help="optimizer steps (default 100)")
+    p.add_argument("--lr", type=per_stage(float), default=(1e-3, 2e-4), help="AdamW learning rate (1e-3,2e-4)")
+    p.add_argument("--batch", type=per_stage(int), default=(4, 1),
+                   help="passages per stage-1 step, windows per stage-2 step (4,1)")
+    p.add_argument("--window", type=int, default=20, help="passages per stage-2 window (20)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    p.add_argument("--max-minutes", type=float, help="stop cleanly (and save) before this much wall time")
+    p.add_argument("--save-every", type=int, default=25, help="save state and checkpoint every K steps (25)")
+    p.add_argument("--log-every", type=int, default=5, help="progress line every K steps (5)")
+    p.add_argument("--warmup", type=int, default=10, help="linear warm-up steps (10)")
+    p.add_argument("--target-tokens", type=int, default=64, help="stage-1 passage target length (64)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
+    return p
+
+
+def options_from_args(args: argparse.Namespace, argv: list[str]):
+    from .train import TrainError, TrainOptions
+
+    if args.window < 2:
+        raise TrainError("--window must be at least 2")
+    if min(args.save_every, args.log_every, args.target_tokens) < 1 or args.warmup < 0:
+        raise TrainError("--save-every, --log-every and --target-tokens must be positive")
+    return TrainOptions(
+        model=args.model, out=args.out, stages=STAGES[args.stage], data=args.data,
+        steps=dict(zip((1, 2), args.steps)), lr=dict(zip((1, 2), args.lr)), batch=dict(zip((1, 2), args.batch)),
+        window=args.window, seed=args.seed, resume=args.resume, max_minutes=args.max_minutes,
+        save_every=args.save_every, log_every=args.log_every, warmup=args.warmup,
+        target_tokens=args.target_tokens, device=args.device,
+        command=shlex.join(["pe-rank", "train", *argv]),
+    )
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    from ..core.checkpoint import CheckpointError
+    from .data import DataError
+    from .train import TrainError, train
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        train(options_from_args(args, argv), log=lambda line: print(f"[pe-rank train] {line}", flush=True))
+    except (TrainError, DataError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main())

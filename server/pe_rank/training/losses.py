@@ -1,0 +1,84 @@
+"""The two training losses, as small pure functions of tensors.
+
+Both run the frozen LLM (``PeRankModel.llm``: the decoder stack with its final norm, no
+lm_head) on input embeddings whose ``<PLACEHOLDER>`` rows are replaced by projected
+passage embeddings, as :class:`pe_rank.core.steps.TorchStepper` does at inference.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+IGNORE = -100
+
+
+def splice_rows(tokens: Tensor, positions: Tensor, rows: Tensor) -> Tensor:
+    """``tokens`` [T, H] with rows ``positions`` replaced by ``rows`` (differentiable in ``rows``)."""
+    return tokens.index_put((positions,), rows.to(tokens.dtype))
+
+
+# ---- stage 2: ranking
+
+def decision_hidden(llm: nn.Module, prompt_ids: Tensor, positions: Tensor, embeds: Tensor,
+                    teacher: Tensor) -> Tensor:
+    """Final-norm hidden states [n, H] at the n positions where decoding picks a passage.
+
+    Inputs: the prompt with the window's projected embeddings [n, H] at the placeholders,
+    followed by the teacher's first n-1 passages (teacher forcing), exactly what the ranker
+    feeds when it emits the teacher's order. Row k decides the (k+1)-th passage.
+    """
+    tokens = llm.get_input_embeddings()(prompt_ids)
+    inputs = torch.cat([splice_rows(tokens, positions, embeds), embeds[teacher[:-1]]])
+    hidden = llm(inputs_embeds=inputs[None], use_cache=False).last_hidden_state[0]
+    return hidden[len(prompt_ids) - 1:]
+
+
+def passage_scores(hidden: Tensor, embeds: Tensor) -> Tensor:
+    """s_i = h . e_i for every decision row: [k, H] x [n, H] -> [k, n] (the ranker's scores)."""
+    return hidden @ embeds.T
+
+
+def listmle(scores: Tensor, teacher: Tensor) -> Tensor:
+    """Mean over decision rows k of -log softmax(scores[k] over passages not yet emitted)[teacher[k]]."""
+    n = len(teacher)
+    rank_of = torch.empty_like(teacher)
+    rank_of[teacher] = torch.arange(n, device=teacher.device)
+    emitted = rank_of[None, :] < torch.arange(n, device=teacher.device)[:, None]  # [k, j]: j emitted before k
+    logp = torch.log_softmax(scores.float().masked_fill(emitted, float("-inf")), dim=-1)
+    return -logp[torch.arange(n, device=teacher.device), teacher].mean()
+
+
+def ranking_loss(llm: nn.Module, prompt_ids: Tensor, positions: Tensor, embeds: Tensor, teacher: Tensor) -> Tensor:
+    hidden = decision_hidden(llm, prompt_ids, positions, embeds, teacher)
+    return listmle(passage_scores(hidden, embeds), teacher)
+
+
+# ---- stage 1: alignment (reconstruct the passage text from its soft token)
+
+def pad_targets(targets: list[list[int]], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Targets padded to the longest: (labels [B, L] with IGNORE padding, mask [B, L])."""
+    length = max(len(t) for t in targets)
+    labels = torch.full((len(targets), length), IGNORE, dtype=torch.long, device=device)
+    for i, t in enumerate(targets):
+        labels[i, :len(t)] = torch.tensor(t, dtype=torch.long, device=device)
+    return labels, labels != IGNORE
+
+
+def alignment_loss(llm: nn.Module, lm_head: Tensor, prompt_ids: Tensor, position: int, embeds: Tensor,
+                   targets: list[list[int]]) -> Tensor:
+    """Next-token cross-entropy on the target tokens only.
+
+    Each row is ``prompt + target`` (right-padded); the prompt's one placeholder row is the
+    passage's projected embedding [B, H]. The last prompt position predicts the first target
+    token, and so on.
+    """
+    labels, mask = pad_targets(targets, embeds.device)
+    batch, prompt_len = len(targets), len(prompt_ids)
+    ids = torch.cat([prompt_ids.expand(batch, -1), labels.clamp(min=0)], dim=1)
+    tokens = llm.get_input_embeddings()(ids)
+    inputs = torch.cat([tokens[:, :position], embeds[:, None].to(tokens.dtype), tokens[:, position + 1:]], dim=1)
+    attention = torch.cat([torch.ones_like(ids[:, :prompt_len]), mask.long()], dim=1)
+    hidden = llm(inputs_embeds=inputs, attention_mask=attention, use_cache=False).last_hidden_state
+    logits = hidden[:, prompt_len - 1:-1] @ lm_head.T
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)

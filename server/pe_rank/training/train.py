@@ -1,0 +1,206 @@
+"""``pe-rank train``: stage 1 and/or stage 2 on a checkpoint, into a new checkpoint folder."""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..core.model import PeRankModel, load_model
+from .data import TrainingData, load_data
+from .embeddings import EmbeddingCache
+from .loop import StageConfig, StageResult, load_state, make_optimizer, run_stage, save_state
+from .output import CACHE_FILE, STATE_FILE, append_report, link_checkpoint, record_in_config, write_projector
+from .tasks import ALIGN_MESSAGE, AlignmentTask, RankingTask, Task
+
+STAGE_NAMES = {1: "alignment", 2: "ranking"}
+
+
+class TrainError(ValueError):
+    """A usage mistake (printed as one ``error:`` line)."""
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    model: Path
+    out: Path
+    stages: tuple[int, ...] = (1, 2)
+    data: Path = Path("data/train")
+    steps: dict[int, int] = field(default_factory=lambda: {1: 100, 2: 100})
+    lr: dict[int, float] = field(default_factory=lambda: {1: 1e-3, 2: 2e-4})
+    batch: dict[int, int] = field(default_factory=lambda: {1: 4, 2: 1})
+    window: int = 20
+    seed: int = 0
+    resume: bool = False
+    max_minutes: float | None = None
+    save_every: int = 25
+    log_every: int = 5
+    warmup: int = 10
+    target_tokens: int = 64
+    device: str = "auto"
+    command: str = ""
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def freeze_all_but_projector(model: PeRankModel) -> dict[str, torch.nn.Module]:
+    """Encoder and LLM frozen; the returned modules train (LoRA adapters would join here)."""
+    for module in (model.llm, model.encoder):
+        module.requires_grad_(False).eval()
+    model.projector.float().requires_grad_(True).train()
+    if not any(True for _ in model.projector.parameters()):
+        raise TrainError(f"projector_type {model.info.projector_type!r} has no weights to train")
+    return {"projector": model.projector}
+
+
+def make_task(stage: int, model: PeRankModel, cache: EmbeddingCache, data: TrainingData,
+              opts: TrainOptions) -> Task:
+    if stage == 1:
+        return AlignmentTask(model, cache, data.passages(), opts.batch[1], opts.target_tokens)
+    return RankingTask(model, cache, data, opts.batch[2], opts.window)
+
+
+def _check_out(opts: TrainOptions) -> dict | None:
+    """The saved state when resuming; refuses to overwrite the input or another run."""
+    if opts.out.resolve() == opts.model.resolve():
+        raise TrainError(f"--out {opts.out} is the input checkpoint; write to a new folder")
+    state_path = opts.out / STATE_FILE
+    if opts.resume:
+        if not state_path.exists():
+            raise TrainError(f"{state_path}: missing, nothing to resume")
+        state = load_state(state_path)
+        if state["seed"] != opts.seed:
+            raise TrainError(f"{state_path}: saved with --seed {state['seed']}, resume with the same seed")
+        if state["stage"] > max(opts.stages):
+            raise TrainError(f"{state_path}: the run is already in stage {state['stage']}")
+        return state
+    if opts.out.exists() and any(opts.out.iterdir()):
+        raise TrainError(f"--out {opts.out} exists and is not empty (use --resume or a new folder)")
+    return None
+
+
+def train(opts: TrainOptions, log: Callable[[str], None] = print) -> list[StageResult]:
+    """Run the requested stages; returns what each stage run did."""
+    deadline = None if opts.max_minutes is None else time.monotonic() + opts.max_minutes * 60
+    state = _check_out(opts)
+    data = load_data(opts.data)
+    torch.manual_seed(opts.seed)
+    device = pick_device(opts.device)
+    log(f"loading {opts.model} on {device}; data {opts.data}: {data.summary()}")
+    model = load_model(opts.model, device=device)
+    trainable = freeze_all_but_projector(model)
+    if state is not None:
+        for name, module in trainable.items():
+            module.load_state_dict(state["trainable"][name])
+        log(f"resuming stage {state['stage']} at step {state['step']}")
+    else:
+        link_checkpoint(opts.model, opts.out)
+        write_projector(opts.out, model.projector)
+    cache = EmbeddingCache(model, opts.out / CACHE_FILE)
+    results = []
+    for stage in opts.stages:
+        result = _run_one(stage, state, model, trainable, cache, data, opts, deadline, log)
+        state = None
+        if result is None:
+            continue
+        results.append(result)
+        if result.stopped:
+            log(f"stopped in stage {stage} at step {result.step}: {result.stopped}")
+            break
+    log(f"wrote {opts.out}")
+    return results
+
+
+def _run_one(stage: int, state: dict | None, model: PeRankModel, trainable: dict[str, torch.nn.Module],
+             cache: EmbeddingCache, data: TrainingData, opts: TrainOptions, deadline: float | None,
+             log: Callable[[str], None]) -> StageResult | None:
+    config = StageConfig(steps=opts.steps[stage], lr=opts.lr[stage], seed=opts.seed, warmup=opts.warmup,
+                         save_every=opts.save_every, log_every=opts.log_every)
+    optimizer = make_optimizer(trainable, config)
+    start_step, losses = 0, []
+    if state is not None and stage < state["stage"]:
+        log(f"stage {stage} already done (state is in stage {state['stage']})")
+        return None
+    if state is not None and stage == state["stage"]:
+        start_step, losses = state["step"], state["losses"]
+        optimizer.load_state_dict(state["optimizer"])
+    if start_step >= config.steps:
+        log(f"stage {stage} already at step {start_step} of {config.steps}")
+        return None
+    task = make_task(stage, model, cache, data, opts)
+
+    def checkpoint(step: int, seen: list[float]) -> None:
+        save_state(opts.out / STATE_FILE, stage, step, trainable, optimizer, opts.seed, seen)
+        write_projector(opts.out, model.projector)
+        cache.save()
+
+    log(f"stage {stage} ({STAGE_NAMES[stage]}): steps {start_step}..{config.steps}, lr {config.lr:g}, "
+        f"batch {opts.batch[stage]}" + (f", window {opts.window}" if stage == 2 else ""))
+    result = run_stage(task, trainable, config, optimizer=optimizer, start_step=start_step,
+                       deadline=deadline, checkpoint=checkpoint, log=log, losses=losses)
+    record_in_config(opts.out, stage, {"steps": result.step, "seed": opts.seed, "lr": config.lr,
+                                       "batch": opts.batch[stage], "data": [f.name for f in data.files]})
+    append_report(opts.out, report_section(result, config, data, opts, model))
+    return result
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                 if l.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return (f"{platform.node()} ({platform.system()} {platform.release()}), {cpu}, {os.cpu_count()} CPUs, "
+            f"torch {torch.__version__} with {torch.get_num_threads()} threads{gpu}")
+
+
+def _mean(values: list[float]) -> str:
+    return f"{sum(values) / len(values):.4f}" if values else "-"
+
+
+def report_section(result: StageResult, config: StageConfig, data: TrainingData, opts: TrainOptions,
+                   model: PeRankModel) -> str:
+    stage = result.stage
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    run_losses = result.losses[result.start_step:]
+    details = (f'user message "{ALIGN_MESSAGE}", targets cut to {opts.target_tokens} LLM tokens, '
+               "loss = cross-entropy on the passage tokens" if stage == 1 else
+               f"windows of {opts.window} from the BM25 top-100, random offset, shuffled; teacher = qrels "
+               "grade then encoder cosine (cosine only without qrels); ListMLE on s_i = h . e_i")
+    lines = [
+        f"## Stage {stage} ({STAGE_NAMES[stage]}), {when}",
+        "",
+        f"- command: `{opts.command or '(called from Python)'}`",
+        f"- input checkpoint: `{opts.model}` (projector `{model.info.projector_type}`, encoder and LLM frozen)",
+        f"- data: `{opts.data}`: {data.summary()}",
+        "- files: " + ", ".join(f"`{f.name}` (sha256 {_sha256(f)})" for f in data.files),
+        f"- task: {details}",
+        f"- seed {opts.seed}; steps {result.start_step} -> {result.step} of {config.steps}"
+        + (f" (resumed at {result.start_step})" if result.start_step else "")
+        + (f"; stopped early: {result.stopped}" if result.stopped else ""),
+        f"- AdamW lr {config.lr:g} (linear warm-up {config.warmup} steps, then constant), weight decay "
+        f"{config.weight_decay:g}, grad-norm clip {config.max_grad_norm:g}, batch {opts.batch[stage]}, fp32",
+        f"- loss: mean of the first 10 steps of this run {_mean(run_losses[:10])}, "
+        f"of the last 10 {_mean(run_losses[-10:])}",
+        f"- wall time: {result.wall_s:.0f} s for {result.step - result.start_step} steps"
+        + (f" ({result.wall_s / (result.step - result.start_step):.2f} s/step)" if result.step > result.start_step else ""),
+        f"- machine: {machine()}; device {model.device}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,214 @@
+"""`pe-rank train` on a tiny checkpoint: losses learn, training matches inference, output and resume."""
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pe_rank.cli import main
+from pe_rank.core.checkpoint import PROJECTOR_PREFIX, WeightFiles
+from pe_rank.core.model import load_model
+from pe_rank.core.steps import TorchStepper
+from pe_rank.training.data import load_data
+from pe_rank.training.embeddings import EmbeddingCache
+from pe_rank.training.loop import StageConfig, load_state, make_optimizer, run_stage
+from pe_rank.training.losses import decision_hidden, passage_scores
+from pe_rank.training.tasks import AlignmentTask, RankingTask, sample_window, step_rng, teacher_order
+from pe_rank.training.train import freeze_all_but_projector
+
+TRAIN_DATA = Path(__file__).resolve().parents[1] / "data" / "train"
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> Path:
+    """Two DL21 queries (with qrels) and one DL22 query from data/train, 24 hits each."""
+    out = tmp_path_factory.mktemp("train-data")
+    runs = {}
+    for name, count in (("dl21", 2), ("dl22", 1)):
+        with gzip.open(TRAIN_DATA / f"bm25_{name}.json.gz", "rt") as f:
+            runs[name] = [dict(q, hits=q["hits"][:24]) for q in json.load(f)[:count]]
+        with gzip.open(out / f"bm25_{name}.json.gz", "wt") as f:
+            json.dump(runs[name], f)
+    qids = {str(q["hits"][0]["qid"]) for q in runs["dl21"]}
+    lines = (TRAIN_DATA / "qrels.dl21-passage.txt").read_text().splitlines(keepends=True)
+    (out / "qrels.dl21-passage.txt").write_text("".join(l for l in lines if l.split()[0] in qids))
+    return out
+
+
+@pytest.fixture(scope="module")
+def trainable_tiny(tiny_dir: Path):
+    model = load_model(tiny_dir)
+    freeze_all_but_projector(model)
+    return model
+
+
+class Fixed:
+    """A task that returns the same batch every step (overfitting check)."""
+
+    def __init__(self, task, batch) -> None:
+        self.task, self.batch, self.stage = task, batch, task.stage
+
+    def sample(self, rng):
+        return self.batch
+
+    def loss(self, batch):
+        return self.task.loss(batch)
+
+
+def overfit(model, task, batch, steps=30, lr=1e-2) -> list[float]:
+    start = {k: v.clone() for k, v in model.projector.state_dict().items()}
+    trainable = {"projector": model.projector}
+    config = StageConfig(steps=steps, lr=lr, seed=0, warmup=1, save_every=10**6, log_every=10**6)
+    try:
+        result = run_stage(Fixed(task, batch), trainable, config, optimizer=make_optimizer(trainable, config),
+                           start_step=0, deadline=None, checkpoint=lambda *_: None, log=lambda _: None)
+    finally:
+        model.projector.load_state_dict(start)
+    return result.losses
+
+
+def test_stage1_loss_learns_a_fixed_batch(tiny_dir, small_data):
+    """A random 2-layer LLM barely hears any single input row (RMS norms, near-uniform attention,
+    logits of about +-1), so the loss could hardly move whatever the projector did. This check
+    uses a sharpened copy: attention logits x100 (q, k x10) and output logits x30."""
+    model = load_model(tiny_dir)
+    freeze_all_but_projector(model)
+    with torch.no_grad():
+        for layer in model.llm.layers:
+            layer.self_attn.q_proj.weight.mul_(10)
+            layer.self_attn.k_proj.weight.mul_(10)
+    data = load_data(small_data)
+    task = AlignmentTask(model, EmbeddingCache(model), data.passages(), batch=2, target_tokens=8)
+    task.lm_head = task.lm_head * 30
+    losses = overfit(model, task, data.passages()[:2], steps=40)
+    assert all(np.isfinite(losses))
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_stage2_loss_learns_two_fixed_windows(trainable_tiny, small_data):
+    data = load_data(small_data)
+    task = RankingTask(trainable_tiny, EmbeddingCache(trainable_tiny), data, batch=2, window=8)
+    windows = task.sample(step_rng(0, 2, 0))
+    losses = overfit(trainable_tiny, task, windows)
+    assert all(np.isfinite(losses))
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_stage2_scores_are_the_rankers_scores(trainable_tiny, small_data):
+    """Teacher-forced training scores equal TorchStepper's start/step scores along the same path."""
+    model = trainable_tiny
+    data = load_data(small_data)
+    task = RankingTask(model, EmbeddingCache(model), data, batch=1, window=6)
+    window = sample_window(data.queries, step_rng(3, 2, 0), 6)
+    teacher = task.teacher(window)
+    ids, positions = model.prompts.build(window.query, len(window.passages))
+    embeds = model.project(model.encode(list(window.passages)))
+    with torch.no_grad():
+        e = torch.from_numpy(embeds)
+        hidden = decision_hidden(model.llm, torch.from_numpy(np.array(ids)), torch.from_numpy(np.array(positions)),
+                                 e, torch.from_numpy(teacher))
+        trained = passage_scores(hidden, e).numpy()
+    stepper = TorchStepper(model.llm, model.prompts.placeholder_id, model.dtype, model.device)
+    state, scores = stepper.start(ids, embeds)
+    decoded = [scores]
+    for pick in teacher[:-1]:
+        decoded.append(stepper.step(state, int(pick)))
+    np.testing.assert_allclose(trained, np.stack(decoded), rtol=1e-4, atol=1e-4)
+
+
+def test_teacher_order_grades_then_cosine():
+    grades = np.array([0, 2, 2, 1, 0])
+    cosine = np.array([0.9, 0.1, 0.5, 0.0, 0.95])
+    assert teacher_order(grades, cosine).tolist() == [2, 1, 3, 4, 0]
+
+
+def test_windows_are_random_slices_in_shuffled_order(small_data):
+    data = load_data(small_data)
+    a = sample_window(data.queries, step_rng(0, 2, 5), 8)
+    assert a == sample_window(data.queries, step_rng(0, 2, 5), 8)  # seeded
+    query = next(q for q in data.queries if q.text == a.query)
+    index = [query.docids.index(d) for d in a.docids]
+    assert sorted(index) == list(range(min(index), min(index) + 8)) and index != sorted(index)
+    assert a.passages == tuple(query.passages[i] for i in index)
+    assert a.grades == tuple(query.grade(d) for d in a.docids)
+
+
+def _projector(folder: Path) -> dict[str, torch.Tensor]:
+    weights = WeightFiles(folder)
+    return {k: t for k, t, _ in weights.load(weights.keys(PROJECTOR_PREFIX))}
+
+
+def _train(model: Path, out: Path, data: Path, *extra: str) -> int:
+    return main(["train", "--model", str(model), "--out", str(out), "--data", str(data), "--window", "8",
+                 "--batch", "2,2", "--save-every", "2", "--log-every", "100", *extra])
+
+
+def test_train_writes_a_loadable_checkpoint(tiny_dir, small_data, tmp_path):
+    before = {p.name: p.stat().st_mtime_ns for p in tiny_dir.iterdir()}
+    out = tmp_path / "trained"
+    assert _train(tiny_dir, out, small_data, "--stage", "both", "--steps", "4,4") == 0
+    assert {p.name: p.stat().st_mtime_ns for p in tiny_dir.iterdir()} == before  # input untouched
+
+    trained, original = _projector(out), _projector(tiny_dir)
+    assert set(trained) == set(original)
+    assert any(not torch.equal(trained[k], original[k]) for k in trained)
+    state = load_state(out / "train_state.pt")
+    assert (state["stage"], state["step"]) == (2, 4)
+    model = load_model(out)
+    for key, value in model.projector.state_dict().items():
+        assert torch.equal(value, trained[PROJECTOR_PREFIX + key])
+        assert torch.equal(value, state["trainable"]["projector"][key])
+
+    new, old = WeightFiles(out), WeightFiles(tiny_dir)
+    rest = [k for k in old.keys() if not k.startswith(PROJECTOR_PREFIX)]
+    assert sorted(rest) == sorted(k for k in new.keys() if not k.startswith(PROJECTOR_PREFIX))
+    for (key, a, _), (_, b, _) in zip(old.load(rest), new.load(rest)):
+        assert torch.equal(a, b), key
+
+    report = (out / "TRAINING.md").read_text()
+    assert "## Stage 1 (alignment)" in report and "## Stage 2 (ranking)" in report
+    assert "--steps 4,4" in report and "seed 0" in report
+    assert set(json.loads((out / "config.json").read_text())["pe_rank_training"]) == {"stage1", "stage2"}
+
+
+def test_resume_continues_where_it_stopped(tiny_dir, small_data, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert _train(tiny_dir, straight, small_data, "--stage", "2", "--steps", "6") == 0
+    assert _train(tiny_dir, resumed, small_data, "--stage", "2", "--steps", "3") == 0
+    assert load_state(resumed / "train_state.pt")["step"] == 3
+    assert _train(tiny_dir, resumed, small_data, "--stage", "2", "--steps", "6", "--resume") == 0
+    state = load_state(resumed / "train_state.pt")
+    assert state["step"] == 6 and len(state["losses"]) == 6
+    a, b = _projector(straight), _projector(resumed)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
+    assert "(resumed at 3)" in (resumed / "TRAINING.md").read_text()
+
+
+def test_time_limit_stops_and_saves(tiny_dir, small_data, tmp_path):
+    out = tmp_path / "limited"
+    assert _train(tiny_dir, out, small_data, "--stage", "1", "--steps", "50", "--max-minutes", "0") == 0
+    assert load_state(out / "train_state.pt")["step"] == 0
+    assert "stopped early: time limit" in (out / "TRAINING.md").read_text()
+    load_model(out)
+    assert _train(tiny_dir, out, small_data, "--stage", "1", "--steps", "2", "--resume") == 0
+    assert load_state(out / "train_state.pt")["step"] == 2
+
+
+def test_user_mistakes_are_one_line_errors(tiny_dir, small_data, tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "file").write_text("x")
+    assert _train(tiny_dir, out, small_data) == 2
+    assert _train(tiny_dir, tmp_path / "fresh", small_data, "--resume") == 2
+    assert _train(tiny_dir, tiny_dir, small_data) == 2
+    dl19 = tmp_path / "dl19"
+    dl19.mkdir()
+    (dl19 / "bm25_dl19.json.gz").write_bytes((small_data / "bm25_dl22.json.gz").read_bytes())
+    assert _train(tiny_dir, tmp_path / "x", dl19) == 2
+    errors = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+    assert len(errors) == 4 and "never used for training" in errors[-1]
