@@ -79,3 +79,12 @@ def test_cli_prints_a_one_line_error_for_a_broken_repository(tmp_path):
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 2
     assert "no such file: weights.bin" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_taken_port_reports_tritons_own_error(tmp_path):
+    with TritonServer(repository(tmp_path / "a")) as running:
+        clash = TritonServer(repository(tmp_path / "b"), grpc_port=running.grpc_port, startup_timeout=60)
+        with pytest.raises(TritonStartError) as err:
+            clash.start()
+        assert "already in use" in str(err.value)
+        assert running.is_alive()

@@ -149,27 +149,35 @@ class TritonServer:
         return [line for line in list(self.lines) if _ERROR_LINE.search(line) and not any(n in line for n in _NOISE)]
 
     def _wait_ready(self) -> None:
-        import tritonclient.grpc as grpcclient
-
-        client = grpcclient.InferenceServerClient(self.grpc_url)
         deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                self._reader.join(timeout=5)
+                self._fail(f"Triton exited with code {self.process.returncode}")
+            if self._http_ready():
+                return
+            time.sleep(0.25)
+        self._fail(f"Triton not ready after {self.startup_timeout:.0f} s")
+
+    def _http_ready(self) -> bool:
+        """Asked on our own fresh HTTP port: Triton binds gRPC first and exits if that fails, so
+        a gRPC port someone else holds can never look ready here."""
+        import urllib.request
+
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         try:
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    self._reader.join(timeout=5)
-                    self._fail(f"Triton exited with code {self.process.returncode}")
-                try:
-                    if client.is_server_ready():
-                        return
-                except Exception:  # not listening yet
-                    pass
-                time.sleep(0.25)
-            self.stop()
-            self._fail(f"Triton not ready after {self.startup_timeout:.0f} s")
-        finally:
-            client.close()
+            with opener.open(f"http://{self.http_url}/v2/health/ready", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
 
     def _fail(self, headline: str) -> None:
+        """Kill the whole group (Python stubs outlive a Triton that failed after loading them)."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
         errors = self.error_lines() or list(self.lines)[-20:]
         raise TritonStartError(headline + ":\n" + "\n".join(errors))
 
