@@ -73,23 +73,103 @@ def _rerank_in_process(args: argparse.Namespace, request) -> dict:
     from .core.inprocess import load_in_process
     from .core.jsonio import result_to_json
     from .core.model import ENCODER_MAX_TOKENS
+    from .core.types import Mode
     from .core.validation import validate_request
 
     model, reranker = load_in_process(args.model, dtype=args.dtype)
     validate_request(request, model.embedding_size, token_counts=model.passage_token_counts,
-                     max_tokens=ENCODER_MAX_TOKENS)
+                     max_tokens=ENCODER_MAX_TOKENS, allow_text=True)
     t0 = time.perf_counter()
-    result = asyncio.run(reranker.rerank(request))
+    if request.mode is Mode.TEXT:
+        result = asyncio.run(_rerank_text(model, request))
+    else:
+        result = asyncio.run(reranker.rerank(request))
     result.timings.total_ms = (time.perf_counter() - t0) * 1e3
     return result_to_json(result)
 
 
+async def _rerank_text(model, request):
+    """The text-listwise baseline (mode text): same output JSON, decode_steps = generated tokens."""
+    from .core.text_listwise import rank_text_listwise
+    from .core.types import RankedPassage, RankOptions, RerankResult, Timings
+
+    timings = Timings()
+    t0 = time.perf_counter()
+    options = RankOptions(request.window_size, request.stride, request.mode, request.top_n or None)
+    order, stats = await rank_text_listwise(model, request.query, [p.text for p in request.passages], options, timings)
+    timings.rank_ms = (time.perf_counter() - t0) * 1e3
+    keep = order[: request.top_n] if request.top_n else order
+    ranking = [RankedPassage(index=i, id=request.passages[i].id, score=1.0 / (rank + 1),
+                             text=request.passages[i].text if request.return_text else None)
+               for rank, i in enumerate(keep)]
+    return RerankResult(ranking=ranking, stats=stats, timings=timings)
+
+
 def _rerank_remote(args: argparse.Namespace, request) -> dict:
+    from .core.types import Mode
+    from .core.validation import InvalidRequest
+
+    if request.mode is Mode.TEXT:  # the protocol has no such mode: refuse instead of running "full"
+        raise InvalidRequest("mode", "mode text is only available in-process")
     try:
         from .client import rerank_json
     except ImportError:
         raise UserError("--server needs the gRPC client, which is not built yet") from None
     return rerank_json(args.server, request)
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="rerank a first-stage run (RankLLM JSON) and score it against qrels")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--model", type=Path, help="checkpoint folder: rank in this process")
+    where.add_argument("--server", help="HOST:PORT of a running `pe-rank serve`")
+    p.add_argument("--data", required=True, type=Path, help="RankLLM retrieval JSON (.json or .json.gz)")
+    p.add_argument("--qrels", required=True, type=Path, help="TREC qrels file")
+    p.add_argument("--output", required=True, type=Path, help="TREC run file to write (metrics go to RUN.per_query.tsv)")
+    p.add_argument("--top-k", type=int, default=100, help="rerank the first K hits of each query (default 100)")
+    p.add_argument("--mode", default="full", choices=["full", "first", "text"],
+                   help="full: PE-Rank; first: first-step order; text: text-listwise baseline (in-process only)")
+    p.add_argument("--top-n", type=int, default=None, help="only the top N need to be exact (partial decoding)")
+    p.add_argument("--window-size", type=int, default=20)
+    p.add_argument("--stride", type=int, default=10)
+    p.add_argument("--max-queries", type=int, default=None, help="evaluate only the first N queries")
+    p.add_argument("--binary-rel", type=int, default=2,
+                   help="least relevance that RR and R count as relevant (default 2, the TREC DL passage convention; nDCG uses the graded labels)")
+    p.add_argument("--tag", help="run tag (default pe_rank_MODE)")
+    p.add_argument("--timeout", type=float, default=None, help="per-query deadline in seconds (--server)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for --model (default: torch's; 1 is faster on a busy shared CPU)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .core.types import Mode
+    from .evaluation import (EvalError, EvalOptions, check_options, evaluate, format_report, load_qrels,
+                             load_rankllm, make_target)
+
+    options = EvalOptions(top_k=args.top_k, mode=Mode(args.mode), top_n=args.top_n or None,
+                          window_size=args.window_size, stride=args.stride, max_queries=args.max_queries,
+                          binary_rel=args.binary_rel, tag=args.tag)
+    try:
+        check_options(options, remote=args.server is not None)
+        if args.threads is not None:
+            if args.threads < 1:
+                raise EvalError(f"--threads must be at least 1, got {args.threads}")
+            import torch
+
+            torch.set_num_threads(args.threads)
+        queries, qrels = load_rankllm(args.data), load_qrels(args.qrels)
+        target = make_target(args.model, args.server, dtype=args.dtype, timeout=args.timeout)
+        try:
+            report = evaluate(target, queries, qrels, args.output, options)
+        finally:
+            target.close()
+    except EvalError as exc:
+        raise UserError(str(exc)) from None
+    print(json.dumps(report.to_json(), indent=2) if args.json else format_report(report))
+    return 0
 
 
 def _add_triton(sub: argparse._SubParsersAction) -> None:
@@ -104,9 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_make_model(sub)
     _add_rerank(sub)
+    _add_eval(sub)
     _add_triton(sub)
     for name, module in (("export", "pe_rank_export.cli"), ("serve", "pe_rank.service.cli"),
-                         ("bench", "pe_rank.bench.cli")):
+                         ("bench", "pe_rank.bench.cli"), ("train", "pe_rank.training.cli")):
         p = sub.add_parser(name, add_help=False, help=f"see `pe-rank {name} --help`")
         p.set_defaults(func=None, passthrough=name)
     return parser
@@ -117,6 +198,7 @@ _PASSTHROUGH = {
     "export": ("pe_rank_export.cli", "cli_main"),
     "serve": ("pe_rank.service.cli", "cli_main"),
     "bench": ("pe_rank.bench.cli", "cli_main"),
+    "train": ("pe_rank.training.cli", "cli_main"),
 }
 
 

@@ -45,7 +45,7 @@ def parse_request(obj: Any) -> RerankRequest:
     try:
         mode_enum = Mode(mode.lower())
     except ValueError:
-        raise InvalidRequest("mode", f"must be 'full' or 'first', got {mode!r}") from None
+        raise InvalidRequest("mode", f"must be 'full', 'first' or 'text', got {mode!r}") from None
     top_n = _typed(obj, "top_n", int, None)
     return RerankRequest(
         query=_typed(obj, "query", str, ""),

@@ -107,6 +107,12 @@ class SlowLlamaTokenizer:
     def encode(self, text: str) -> list[int]:
         return [self.token_id(t) for t in self.tokenize(text)]
 
+    def decode(self, ids: list[int]) -> str:
+        """Generated ids to text, skipping added and special tokens (``skip_special_tokens=True``)."""
+        skip = {idx for idx, _ in self._added.values()}
+        size = self._sp.get_piece_size()
+        return self._sp.decode_ids([int(i) for i in ids if int(i) not in skip and 0 <= int(i) < size])
+
     def tokenize(self, text: str) -> list[str]:
         if self.legacy or not text:
             return self._tokenize_with_added(text)
@@ -156,6 +162,9 @@ class HFPromptTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
     def token_id(self, token: str) -> int:
         idx = self._tok.convert_tokens_to_ids(token)

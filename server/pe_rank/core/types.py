@@ -10,6 +10,7 @@ import numpy as np
 class Mode(str, Enum):
     FULL = "full"    # dynamic-constrained decoding, as in the paper
     FIRST = "first"  # order each window by the first step's scores: one prefill, no decode steps
+    TEXT = "text"    # text-listwise baseline (RankGPT style, passage texts in the prompt); in-process CLI only
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from typing import Callable
 
 import numpy as np
 
-from .types import RerankRequest
+from .types import Mode, RerankRequest
 
 
 class InvalidRequest(ValueError):
@@ -30,8 +30,15 @@ def validate_request(
     limits: Limits = Limits(),
     token_counts: Callable[[list[str]], list[int]] | None = None,
     max_tokens: int = 512,
+    allow_text: bool = False,
 ) -> None:
-    """Raise InvalidRequest for the first problem found; ``token_counts`` checks truncate=false."""
+    """Raise InvalidRequest for the first problem found; ``token_counts`` checks truncate=false.
+
+    ``allow_text``: accept mode ``text`` (the text-listwise baseline), which only the
+    in-process CLI runs; the gRPC server refuses it.
+    """
+    if request.mode is Mode.TEXT and not allow_text:
+        raise InvalidRequest("mode", "mode text is only available in-process")
     if not request.query.strip():
         raise InvalidRequest("query", "must not be empty")
     if len(request.query) > limits.max_query_chars:
@@ -52,6 +59,8 @@ def validate_request(
         if passage.id in seen:
             raise InvalidRequest(f"passages[{i}].id", f"duplicate id {passage.id!r} (also passages[{seen[passage.id]}])")
         seen[passage.id] = i
+        if request.mode is Mode.TEXT and not passage.text.strip():
+            raise InvalidRequest(f"passages[{i}].text", "must not be empty in mode text (embeddings are not used)")
         if passage.embedding is None:
             if not passage.text.strip():
                 raise InvalidRequest(f"passages[{i}].text", "must not be empty (or give an embedding)")
