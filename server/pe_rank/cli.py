@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_triton(sub)
     for name, module in (("export", "pe_rank_export.cli"), ("serve", "pe_rank.service.cli"),
-                         ("bench", "pe_rank.bench.cli"), ("train", "pe_rank.training.cli")):
+                         ("bench", "pe_rank.benchmark"), ("train", "pe_rank.training.cli")):
         p = sub.add_parser(name, add_help=False, help=f"see `pe-rank {name} --help`")
         p.set_defaults(func=None, passthrough=name)
     return parser
@@ -197,7 +197,7 @@ _PASSTHROUGH = {
     "triton": ("pe_rank.triton.embedded", "cli_main"),
     "export": ("pe_rank_export.cli", "cli_main"),
     "serve": ("pe_rank.service.cli", "cli_main"),
-    "bench": ("pe_rank.bench.cli", "cli_main"),
+    "bench": ("pe_rank.benchmark", "cli_main"),
     "train": ("pe_rank.training.cli", "cli_main"),
 }
 
