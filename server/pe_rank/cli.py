@@ -90,19 +90,16 @@ def _rerank_in_process(args: argparse.Namespace, request) -> dict:
 
 async def _rerank_text(model, request):
     """The text-listwise baseline (mode text): same output JSON, decode_steps = generated tokens."""
+    from .core.reranker import ranked
     from .core.text_listwise import rank_text_listwise
-    from .core.types import RankedPassage, RankOptions, RerankResult, Timings
+    from .core.types import RankOptions, RerankResult, Timings
 
     timings = Timings()
     t0 = time.perf_counter()
     options = RankOptions(request.window_size, request.stride, request.mode, request.top_n or None)
     order, stats = await rank_text_listwise(model, request.query, [p.text for p in request.passages], options, timings)
     timings.rank_ms = (time.perf_counter() - t0) * 1e3
-    keep = order[: request.top_n] if request.top_n else order
-    ranking = [RankedPassage(index=i, id=request.passages[i].id, score=1.0 / (rank + 1),
-                             text=request.passages[i].text if request.return_text else None)
-               for rank, i in enumerate(keep)]
-    return RerankResult(ranking=ranking, stats=stats, timings=timings)
+    return RerankResult(ranking=ranked(request, order), stats=stats, timings=timings)
 
 
 def _rerank_remote(args: argparse.Namespace, request) -> dict:
@@ -111,10 +108,8 @@ def _rerank_remote(args: argparse.Namespace, request) -> dict:
 
     if request.mode is Mode.TEXT:  # the protocol has no such mode: refuse instead of running "full"
         raise InvalidRequest("mode", "mode text is only available in-process")
-    try:
-        from .client import rerank_json
-    except ImportError:
-        raise UserError("--server needs the gRPC client, which is not built yet") from None
+    from .client import rerank_json
+
     return rerank_json(args.server, request)
 
 

@@ -32,15 +32,15 @@ class Reranker:
         n = len(request.passages)
         order, stats = await rank_passages(self.backend, self.prompts, request.query, n, source, options, timings)
         timings.rank_ms += (time.perf_counter() - t0) * 1e3 - timings.encode_ms
-        keep = order[: request.top_n] if request.top_n else order
-        ranking = [
-            RankedPassage(
-                index=i,
-                id=request.passages[i].id,
-                score=1.0 / (rank + 1),
-                text=request.passages[i].text if request.return_text else None,
-            )
-            for rank, i in enumerate(keep)
-        ]
-        return RerankResult(ranking=ranking, stats=stats, timings=timings,
+        return RerankResult(ranking=ranked(request, order), stats=stats, timings=timings,
                             cache_hits=getattr(source, "cache_hits", 0))
+
+
+def ranked(request: RerankRequest, order: list[int]) -> list[RankedPassage]:
+    """The response's ranking: the first top_n of ``order``, score 1 / rank."""
+    keep = order[: request.top_n] if request.top_n else order
+    return [
+        RankedPassage(index=i, id=request.passages[i].id, score=1.0 / (rank + 1),
+                      text=request.passages[i].text if request.return_text else None)
+        for rank, i in enumerate(keep)
+    ]
