@@ -2,13 +2,14 @@
 
 Every variant runs on the same queries, interleaved query by query (not variant after
 variant), after a warm-up, so machine noise hits all of them alike. Absolute times are
-reported only with the machine they came from.
+reported only with the machine they came from. With ``--qrels`` every variant's rankings are
+also scored (NDCG@10 with ir-measures, as ``pe-rank eval`` does), and the Markdown report
+gets PNG charts next to it.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
-import gzip
 import json
 import os
 import platform
@@ -21,9 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .core.types import Mode, Passage, RankOptions, RerankRequest
+from .core.types import Mode, RankOptions
+from .evaluation import EvalError, Query, Ranked, load_qrels, load_rankllm, rerank_order, score, to_request
 
 IN_PROCESS = {"pe_rank_full": {}, "pe_rank_first": {"mode": Mode.FIRST}, "pe_rank_top10": {"top_n": 10}}
+MODE_LABELS = {"pe_rank_full": "full", "pe_rank_first": "first", "pe_rank_top10": "top10", "text_listwise": "text"}
+QUALITY = "nDCG@10"  # the measure the report and its chart show (evaluation.REPORTED names)
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -32,24 +36,33 @@ def _percentiles(values: list[float]) -> dict[str, float]:
             "p99": float(np.percentile(arr, 99)), "n": len(values)}
 
 
-def _requests(data: Path, queries: int, top_k: int) -> list[RerankRequest]:
-    opener = gzip.open if data.suffix == ".gz" else open
-    with opener(data, "rt") as f:
-        items = json.load(f)[:queries]
-    return [RerankRequest(q["query"], tuple(Passage(h["docid"], h["content"]) for h in q["hits"][:top_k]))
-            for q in items]
+def _queries(data: Path, queries: int) -> list[Query]:
+    return [q for q in load_rankllm(data) if q.hits][:queries]
 
 
-def _machine() -> dict[str, object]:
+def machine_info() -> dict[str, object]:
+    """Where a number was measured; the load average shows whether the machine was shared."""
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
     import torch
 
-    return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+    return {"platform": platform.platform(), "host": platform.node(), "cpu": cpu, "cores": os.cpu_count(),
+            "load_avg_1m": round(os.getloadavg()[0], 2), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-def _commit() -> str:
+def machine_line(machine: dict) -> str:
+    return (f"{machine['cpu']} ({machine['cores']} cores, load {machine.get('load_avg_1m', '?')} at the end), "
+            f"GPU {machine.get('gpu') or 'none'}")
+
+
+def result_stem(out: Path, label: str) -> Path:
+    """``out/DATE-HOST-label``: the name every result file of one run starts with."""
+    out.mkdir(parents=True, exist_ok=True)
+    return out / f"{time.strftime('%Y%m%d-%H%M%S')}-{platform.node() or 'host'}-{label}"
+
+
+def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
@@ -62,24 +75,27 @@ async def _timed(coro) -> tuple[float, object]:
     return (time.perf_counter() - t0) * 1e3, result
 
 
-def _record(runs: dict, name: str, ms: float, prompt_tokens: int, steps: int) -> None:
-    entry = runs.setdefault(name, {"latency_ms": [], "prompt_tokens": [], "decode_steps": []})
+def _record(runs: dict, name: str, ms: float, prompt_tokens: int, steps: int, query: Query, order: list[int],
+            top_k: int) -> None:
+    entry = runs.setdefault(name, {"latency_ms": [], "prompt_tokens": [], "decode_steps": [], "rankings": {}})
     entry["latency_ms"].append(ms)
     entry["prompt_tokens"].append(prompt_tokens)
     entry["decode_steps"].append(steps)
+    entry["rankings"][query.qid] = rerank_order(query, Ranked(order), top_k)
 
 
-async def _in_process(model, reranker, requests, runs: dict, text_queries: int) -> None:
+async def _in_process(model, reranker, queries: list[Query], top_k: int, runs: dict, text_queries: int) -> None:
     from .core.text_listwise import rank_text_listwise
 
-    for i, request in enumerate(requests):
+    for i, query in enumerate(queries):
         for name, change in IN_PROCESS.items():
-            ms, result = await _timed(reranker.rerank(RerankRequest(**{**request.__dict__, **change})))
-            _record(runs, name, ms, result.stats.prompt_tokens, result.stats.decode_steps)
+            ms, result = await _timed(reranker.rerank(to_request(query, top_k, **change)))
+            _record(runs, name, ms, result.stats.prompt_tokens, result.stats.decode_steps, query,
+                    [r.index for r in result.ranking], top_k)
         if i < text_queries:
-            ms, (_, stats) = await _timed(rank_text_listwise(
-                model, request.query, [p.text for p in request.passages], RankOptions()))
-            _record(runs, "text_listwise", ms, stats.prompt_tokens, stats.decode_steps)
+            ms, (order, stats) = await _timed(rank_text_listwise(
+                model, query.text, [h.content for h in query.hits[:top_k]], RankOptions()))
+            _record(runs, "text_listwise", ms, stats.prompt_tokens, stats.decode_steps, query, order, top_k)
 
 
 class _Service:
@@ -131,15 +147,17 @@ def _wait_serving(target: str, process: subprocess.Popen, timeout: float = 300) 
     raise RuntimeError("pe-rank serve did not become SERVING")
 
 
-async def _through_server(target: str, requests, runs: dict, concurrency: list[int]) -> dict:
+async def _through_server(target: str, queries: list[Query], top_k: int, runs: dict, concurrency: list[int]) -> dict:
     from .client import AsyncRankerClient
 
     sweep = {}
+    requests = [to_request(q, top_k) for q in queries]
     async with AsyncRankerClient(target) as client:
         await client.rerank(requests[0])  # warm-up
-        for request in requests:
+        for query, request in zip(queries, requests):
             ms, response = await _timed(client.rerank(request))
-            _record(runs, "server_full", ms, response.metadata.prompt_tokens, response.metadata.decode_steps)
+            _record(runs, "server_full", ms, response.metadata.prompt_tokens, response.metadata.decode_steps,
+                    query, [r.index for r in response.ranks], top_k)
         for clients in concurrency:
             jobs = [requests[i % len(requests)] for i in range(max(clients * 2, len(requests)))]
             queue: asyncio.Queue = asyncio.Queue()
@@ -167,29 +185,43 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
 
+def _quality(qrels: dict[str, dict[str, int]], rankings: dict[str, list[str]]) -> dict[str, float]:
+    """ir-measures over the queries this variant ranked (the text baseline ranks fewer)."""
+    means, per_query = score(qrels, rankings)
+    return {**means, "judged_queries": len(per_query)}
+
+
 async def run_bench(checkpoint: Path, data: Path, queries: int, top_k: int, text_queries: int,
-                    concurrency: list[int], with_server: bool = True) -> dict:
+                    concurrency: list[int], with_server: bool = True,
+                    qrels: dict[str, dict[str, int]] | None = None) -> dict:
     from .core.inprocess import load_in_process
 
     model, reranker = load_in_process(checkpoint)
-    requests = _requests(data, queries, top_k)
-    await reranker.rerank(requests[0])  # warm-up
+    items = _queries(data, queries)
+    await reranker.rerank(to_request(items[0], top_k))  # warm-up
     runs: dict = {}
-    await _in_process(model, reranker, requests, runs, text_queries)
+    await _in_process(model, reranker, items, top_k, runs, text_queries)
     sweep: dict = {}
     if with_server:
         with _Service(checkpoint) as target:
-            sweep = await _through_server(target, requests, runs, concurrency)
+            sweep = await _through_server(target, items, top_k, runs, concurrency)
     full = _median(runs, "pe_rank_full")
     qps = {int(k): v["throughput_qps"] for k, v in sweep.items()}
     top = max(qps) if qps else None
+    variants = {name: {"latency_ms": _percentiles(r["latency_ms"]),
+                       "prompt_tokens_mean": float(np.mean(r["prompt_tokens"])),
+                       "decode_steps_mean": float(np.mean(r["decode_steps"]))} for name, r in runs.items()}
+    quality: dict = {}
+    if qrels is not None:
+        for name, r in runs.items():
+            variants[name]["quality"] = _quality(qrels, r["rankings"])
+        quality = {"first_stage": _quality(qrels, {q.qid: [h.docid for h in q.hits[:top_k]] for q in items})}
     return {
-        "machine": _machine(), "commit": _commit(), "model": str(checkpoint),
-        "settings": {"data": str(data), "queries": len(requests), "top_k": top_k, "text_queries": text_queries,
+        "machine": machine_info(), "commit": git_commit(), "model": str(checkpoint),
+        "settings": {"data": str(data), "queries": len(items), "top_k": top_k, "text_queries": text_queries,
                      "window_size": 20, "stride": 10, "concurrency": concurrency},
-        "variants": {name: {"latency_ms": _percentiles(r["latency_ms"]),
-                            "prompt_tokens_mean": float(np.mean(r["prompt_tokens"])),
-                            "decode_steps_mean": float(np.mean(r["decode_steps"]))} for name, r in runs.items()},
+        "variants": variants,
+        **quality,
         "concurrency": sweep,
         "text_over_pe_rank": _ratio(_median(runs, "text_listwise"), full),
         "server_over_in_process": _ratio(_median(runs, "server_full"), full),
@@ -200,27 +232,98 @@ async def run_bench(checkpoint: Path, data: Path, queries: int, top_k: int, text
 
 
 def report_markdown(result: dict) -> str:
-    lines = [f"# pe-rank bench, {result['machine']['cpu']} ({result['machine']['cores']} cores)", "",
+    judged = "quality" in next(iter(result["variants"].values()), {})
+    lines = [f"# pe-rank bench, {machine_line(result['machine'])}", "",
              f"model `{result['model']}`, commit `{result['commit'][:12]}`, {result['settings']['queries']} DL19 queries, "
-             f"top-{result['settings']['top_k']}", "", "| variant | p50 ms | p95 ms | p99 ms | prompt tokens | decode steps |",
-             "|---|---|---|---|---|---|"]
+             f"top-{result['settings']['top_k']}", "",
+             "| variant | p50 ms | p95 ms | p99 ms | prompt tokens | decode steps |" + (f" {QUALITY} | queries |" if judged else ""),
+             "|---|---|---|---|---|---|" + ("---|---|" if judged else "")]
     for name, v in result["variants"].items():
         lat = v["latency_ms"]
+        quality = f" {v['quality'][QUALITY]:.4f} | {v['quality']['judged_queries']} |" if judged else ""
         lines.append(f"| {name} | {lat['p50']:.0f} | {lat['p95']:.0f} | {lat['p99']:.0f} | "
-                     f"{v['prompt_tokens_mean']:.0f} | {v['decode_steps_mean']:.0f} |")
+                     f"{v['prompt_tokens_mean']:.0f} | {v['decode_steps_mean']:.0f} |{quality}")
+    if "first_stage" in result:
+        first = result["first_stage"]
+        lines += ["", f"First-stage order on the same queries: {QUALITY} {first[QUALITY]:.4f} "
+                      f"({first['judged_queries']} judged queries)."]
     lines += ["", "| clients | queries/s | p50 ms | p95 ms |", "|---|---|---|---|"]
     for clients, v in result["concurrency"].items():
         lines.append(f"| {clients} | {v['throughput_qps']:.2f} | {v['p50']:.0f} | {v['p95']:.0f} |")
     lines += ["", "Ratios of medians measured in this run:", ""]
     lines += [f"- {k}: {v:.2f}" for k, v in result.items() if k.endswith(("_over_1", "_over_full", "_over_pe_rank",
                                                                           "_over_in_process")) and v]
+    titles = {"latency_vs_concurrency": "Latency vs concurrency", "quality_vs_latency": f"{QUALITY} vs latency"}
+    for kind, name in result.get("plots", {}).items():
+        lines += ["", f"![{titles.get(kind, kind)}]({name})"]
     return "\n".join(lines) + "\n"
+
+
+def _figure(width: float = 6.4, height: float = 4.2):
+    """A pyplot-free figure on the Agg canvas: no display and no global backend state."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def write_plots(result: dict, stem: Path) -> dict[str, str]:
+    """PNGs next to the report; returns {kind: file name}, the links are relative to the .md."""
+    from matplotlib.ticker import NullLocator, ScalarFormatter
+
+    plots: dict[str, str] = {}
+    subtitle = f"{Path(result['model']).name}, top-{result['settings']['top_k']}, {result['machine']['cpu']}"
+    sweep = result["concurrency"]
+    if sweep:
+        clients = [int(c) for c in sweep]
+        figure = _figure()
+        ax = figure.add_subplot()
+        for key, style in (("p50", "o-"), ("p95", "s--")):
+            ax.plot(clients, [sweep[str(c)][key] / 1e3 for c in clients], style, label=f"latency {key}")
+        ax.set_xscale("log", base=2)  # 1, 2, 4, 8, 16 clients evenly spaced
+        ax.set(xlabel="concurrent clients (gRPC, log scale)", ylabel="latency per query (s)", xticks=clients,
+               ylim=(0, None), title=f"Latency vs concurrency\n{subtitle}")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_locator(NullLocator())
+        qps = ax.twinx()
+        throughput = [sweep[str(c)]["throughput_qps"] for c in clients]
+        qps.plot(clients, throughput, "^:", color="tab:green", label="throughput (right axis)")
+        qps.set(ylabel="queries/s", ylim=(0, 1.15 * max(throughput)))
+        ax.grid(alpha=0.3)
+        figure.legend(loc="outside lower center", ncols=3)
+        plots["latency_vs_concurrency"] = _save(figure, stem, "latency")
+    judged = {name: v for name, v in result["variants"].items() if name in MODE_LABELS and "quality" in v}
+    if judged:
+        figure = _figure()
+        ax = figure.add_subplot()
+        for name, v in judged.items():  # a legend, not annotations: close points would overlap
+            ax.plot([v["latency_ms"]["p50"] / 1e3], [v["quality"][QUALITY]], "o", markersize=9,
+                    label=f"{MODE_LABELS[name]} ({v['quality']['judged_queries']} queries)")
+        if "first_stage" in result:
+            ax.axhline(result["first_stage"][QUALITY], color="grey", linestyle="--", label="first-stage order")
+        ax.set_xscale("log")
+        ax.set(xlabel="latency per query, p50 (s, log scale)", ylabel=QUALITY,
+               title=f"{QUALITY} vs latency by mode (in-process)\n{subtitle}")
+        ax.grid(alpha=0.3, which="both")
+        ax.margins(x=0.25, y=0.2)
+        figure.legend(loc="outside lower center", ncols=3)
+        plots["quality_vs_latency"] = _save(figure, stem, "ndcg")
+    return plots
+
+
+def _save(figure, stem: Path, kind: str) -> str:
+    path = stem.parent / f"{stem.name}-{kind}.png"
+    figure.savefig(path)
+    return path.name
 
 
 def cli_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="pe-rank bench", description=__doc__)
     parser.add_argument("--model", type=Path, default=Path("models/demo"))
     parser.add_argument("--data", type=Path, default=Path("tests/data/bm25_dl19.json.gz"))
+    parser.add_argument("--qrels", type=Path, help="TREC qrels: also report each variant's NDCG@10 and plot it")
     parser.add_argument("--queries", type=int, default=20)
     parser.add_argument("--top-k", type=int, default=100)
     parser.add_argument("--text-queries", type=int, default=5, help="queries for the (slow) text-listwise baseline")
@@ -233,11 +336,17 @@ def cli_main(argv: list[str]) -> int:
     if args.quick:
         args.queries, args.top_k, args.text_queries, args.concurrency = 5, 20, 2, "1,2,8"
     concurrency = [int(c) for c in args.concurrency.split(",")]
+    try:
+        qrels = load_qrels(args.qrels) if args.qrels else None  # fail before minutes of benchmarking
+    except EvalError as exc:
+        from .cli import UserError
+
+        raise UserError(str(exc)) from None
     result = asyncio.run(run_bench(args.model, args.data, args.queries, args.top_k, args.text_queries,
-                                   concurrency, with_server=not args.no_server))
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"{time.strftime('%Y%m%d-%H%M%S')}-{platform.node() or 'host'}-top{args.top_k}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(report_markdown(result))
+                                   concurrency, with_server=not args.no_server, qrels=qrels))
+    stem = result_stem(args.out, f"top{args.top_k}")
+    result["plots"] = write_plots(result, stem)
+    Path(f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    Path(f"{stem}.md").write_text(report_markdown(result))
     print(json.dumps(result) if args.json else report_markdown(result) + f"\nwritten: {stem}.json / .md")
     return 0

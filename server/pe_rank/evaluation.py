@@ -73,6 +73,12 @@ def load_rankllm(path: Path) -> list[Query]:
     return queries
 
 
+def to_request(query: Query, top_k: int, **options: Any) -> RerankRequest:
+    """The request that reranks a query's first-stage top-k (shared by eval and bench)."""
+    return RerankRequest(query=query.text, passages=tuple(Passage(h.docid, h.content) for h in query.hits[:top_k]),
+                         **options)
+
+
 def load_qrels(path: Path) -> dict[str, dict[str, int]]:
     import ir_measures
 
@@ -302,10 +308,8 @@ def evaluate(target: Target, queries: Sequence[Query], qrels: dict[str, dict[str
     bar = tqdm(queries, desc=f"rerank {options.mode.value}", unit="query", file=sys.stderr, disable=not progress)
     for query in bar:
         hits = query.hits[: options.top_k]
-        request = RerankRequest(
-            query=query.text, passages=tuple(Passage(h.docid, h.content) for h in hits),
-            window_size=options.window_size, stride=options.stride, mode=options.mode, top_n=options.top_n,
-        )
+        request = to_request(query, options.top_k, window_size=options.window_size, stride=options.stride,
+                             mode=options.mode, top_n=options.top_n)
         t0 = time.perf_counter()
         try:
             ranked = target.rank(request)
