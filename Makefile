@@ -9,7 +9,7 @@ DEMO   := models/demo
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install protos test serve demo-model demo-repository clean
+.PHONY: install protos test serve demo-model demo-repository perf-analyzer clean
 
 install: $(STAMP) protos
 
@@ -35,7 +35,8 @@ test: install
 
 demo-model: $(DEMO)/config.json
 
-$(DEMO)/config.json: | $(STAMP)
+# The default demo merges the shipped trained projector and LoRA adapter: rebuild when they change.
+$(DEMO)/config.json: $(wildcard server/pe_rank/models/demo_trained/*.safetensors server/pe_rank/models/demo_trained/adapter/*) | $(STAMP)
 	$(BIN)/pe-rank make-model demo --out $(DEMO)
 
 # The demo checkpoint exported into model_repository/ (torch target: reference-exact numerics).
@@ -48,6 +49,11 @@ model_repository/pe_llm/1/pe_llm.json: $(DEMO)/config.json
 serve: install demo-repository
 	$(BIN)/pe-rank serve --repository model_repository --port 50051
 
+# perf_analyzer load tests of pe_embed, pe_projector and pe_llm on an embedded Triton (a few minutes);
+# perf_analyzer and its runtime are fetched into bench/perf_analyzer/cache on first use.
+perf-analyzer: install demo-repository
+	$(BIN)/pe-rank perf-analyzer --repository model_repository
+
 clean:
-	rm -rf $(VENV) $(STUBS) models
+	rm -rf $(VENV) $(STUBS) models bench/perf_analyzer/cache
 	git clean -fdX model_repository

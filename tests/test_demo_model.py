@@ -34,7 +34,7 @@ PE_KEYS = {"model_type", "architectures", "encoder_name", "encoder_pooling", "pr
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from pe_rank.models.demo import make_demo
 
-    return make_demo(tmp_path_factory.mktemp("demo") / "smollm2-minilm", seed=SEED)
+    return make_demo(tmp_path_factory.mktemp("demo") / "smollm2-minilm", seed=SEED, trained=False)
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +190,37 @@ def test_idempotent(demo_dir: Path) -> None:
 
     before = (demo_dir / "model.safetensors").stat().st_mtime_ns
     start = time.monotonic()
-    assert make_demo(demo_dir, seed=SEED) == demo_dir
+    assert make_demo(demo_dir, seed=SEED, trained=False) == demo_dir
     assert time.monotonic() - start < 5
     assert (demo_dir / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_trained_demo_is_the_untrained_one_plus_the_shipped_parts(weights: dict[str, torch.Tensor], tmp_path: Path) -> None:
+    """The default build: shipped projector, and W + (alpha/r) B A on exactly the adapted layers."""
+    from safetensors.torch import load_file
+
+    from pe_rank.models.demo import TRAINED_ADAPTER, TRAINED_PROJECTOR, make_demo
+
+    folder = make_demo(tmp_path / "trained")
+    trained = load_file(str(folder / "model.safetensors"))
+    assert set(trained) == set(weights)
+    projector = load_file(str(TRAINED_PROJECTOR))
+    adapter = load_file(str(TRAINED_ADAPTER / "adapter_model.safetensors"))
+    settings = json.loads((TRAINED_ADAPTER / "adapter_config.json").read_text())
+    scale = settings["lora_alpha"] / settings["r"]
+    adapted = {k.replace("base_model.model.", "model.").replace(".lora_A.weight", ".weight")
+               for k in adapter if k.endswith(".lora_A.weight")}
+    assert adapted and {int(k.split(".")[2]) for k in adapted} == set(settings["layers_to_transform"])
+    for key, value in trained.items():
+        if key in projector:
+            assert torch.equal(value, projector[key]), key
+        elif key in adapted:
+            stem = key.replace("model.", "base_model.model.", 1)[: -len(".weight")]
+            delta = adapter[f"{stem}.lora_B.weight"] @ adapter[f"{stem}.lora_A.weight"] * scale
+            torch.testing.assert_close(value, weights[key] + delta, rtol=0, atol=1e-5)
+            assert not torch.equal(value, weights[key]), key
+        elif not key.startswith("model.projector."):
+            assert torch.equal(value, weights[key]), key
+    config = json.loads((folder / "config.json").read_text())
+    assert config["pe_rank_demo"]["projector"].startswith("trained")
+    assert "LoRA adapter merged" in config["pe_rank_demo"]["llm"]

@@ -1,6 +1,8 @@
 """`pe-rank train` on a tiny checkpoint: losses learn, training matches inference, output and resume."""
 from __future__ import annotations
 
+import argparse
+import copy
 import gzip
 import json
 from pathlib import Path
@@ -17,7 +19,10 @@ from pe_rank.training.data import load_data
 from pe_rank.training.embeddings import EmbeddingCache
 from pe_rank.training.loop import StageConfig, load_state, make_optimizer, run_stage
 from pe_rank.training.losses import decision_hidden, passage_scores
-from pe_rank.training.tasks import AlignmentTask, RankingTask, sample_window, step_rng, teacher_order
+from pe_rank.training.adapter import attach_lora, lower_states, merge_adapter, save_adapter, top_hidden
+from pe_rank.training.cli import stages
+from pe_rank.training.tasks import (AdapterTask, AlignmentTask, RankingTask, WordsAlignmentTask, sample_window,
+                                    step_rng, teacher_order)
 from pe_rank.training.train import freeze_all_but_projector
 
 TRAIN_DATA = Path(__file__).resolve().parents[1] / "data" / "train"
@@ -212,3 +217,109 @@ def test_user_mistakes_are_one_line_errors(tiny_dir, small_data, tmp_path, capsy
     assert _train(tiny_dir, tmp_path / "x", dl19) == 2
     errors = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
     assert len(errors) == 4 and "never used for training" in errors[-1]
+
+
+# ---- stage 1 "words" alignment and stage 3 (LoRA adapter on the top layers)
+
+def test_top_layers_on_cached_states_equal_the_full_forward(trainable_tiny):
+    """Stage 3 trains on layer-k inputs computed once: running the rest from there is the same function."""
+    llm = trainable_tiny.llm
+    x = torch.randn(17, trainable_tiny.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = llm(inputs_embeds=x[None]).last_hidden_state[0]
+        for first in range(len(llm.layers)):
+            assert torch.equal(top_hidden(llm, lower_states(llm, x, first), first), full), first
+
+
+def test_words_alignment_targets_and_learning(trainable_tiny, small_data):
+    model = trainable_tiny
+    data = load_data(small_data)
+    task = WordsAlignmentTask(model, EmbeddingCache(model), data.passages(), batch=4, target_tokens=16)
+    target = task.target(0)
+    assert target.norm().item() == pytest.approx(task.row_norm, rel=1e-5)
+    ids = torch.tensor(task._ids[0])
+    manual = (task.idf[ids][:, None] * task.rows[ids]).sum(0)
+    assert torch.allclose(target, manual / manual.norm() * task.row_norm, atol=1e-5)
+    assert task.idf.max() > task.idf[ids].min()  # frequent tokens weigh less than rare ones
+    losses = overfit(model, task, [0, 1, 2, 3], steps=40)
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def _adapter_task(model, data, pool=3, gain=1.0):
+    """A stage-3 task on copies of ``model``'s LLM and projector (output scaled by ``gain``)."""
+    first = len(model.llm.layers) - 1
+    stack = attach_lora(copy.deepcopy(model.llm), first, rank=4)
+    m = copy.copy(model)
+    m.llm = stack.get_base_model()
+    m.projector = copy.deepcopy(model.projector)
+    with torch.no_grad():
+        for p in m.projector.parameters():
+            p.mul_(gain)
+    return stack, AdapterTask(m, EmbeddingCache(model), data, m.llm, first, batch=1, pool=pool, window=6)
+
+
+def test_stage3_scores_are_the_rankers_scores_of_the_merged_model(trainable_tiny, small_data, tmp_path):
+    """With LoRA weights set, the cached-state training scores equal what TorchStepper decodes
+    with the adapter merged into the weights (the checkpoint pe-rank train writes)."""
+    model = trainable_tiny
+    stack, task = _adapter_task(model, load_data(small_data))
+    with torch.no_grad():
+        for name, p in stack.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+        states, embeds, teacher, prompt_len = task.prepared(0)
+        trained = passage_scores(top_hidden(task.stack, states, task.first)[prompt_len - 1:], embeds).numpy()
+    save_adapter(stack, tmp_path / "adapter")
+    merged = merge_adapter(copy.deepcopy(model.llm), tmp_path / "adapter")
+    window = task.windows[0]
+    ids, _ = model.prompts.build(window.query, len(window.passages))
+    stepper = TorchStepper(merged, model.prompts.placeholder_id, model.dtype, model.device)
+    state, scores = stepper.start(ids, embeds.numpy())
+    decoded = [scores] + [stepper.step(state, int(pick)) for pick in teacher[:-1]]
+    np.testing.assert_allclose(trained, np.stack(decoded), rtol=1e-4, atol=1e-4)
+    base = TorchStepper(model.llm, model.prompts.placeholder_id, model.dtype, model.device).start(ids, embeds.numpy())[1]
+    assert not np.allclose(base, decoded[0], atol=1e-3)  # the adapter does change the scores
+
+
+def test_stage3_loss_learns_a_fixed_window(trainable_tiny, small_data):
+    # the final RMSNorm bounds |h|, so the tiny projector's small rows (|e| ~ 0.3) would keep every
+    # score near 0 whatever the adapter did; the demo's rows have token-embedding norms
+    stack, task = _adapter_task(trainable_tiny, load_data(small_data), pool=1, gain=10.0)
+    trainable = {"adapter": stack}
+    config = StageConfig(steps=40, lr=5e-2, seed=0, warmup=1, save_every=10**6, log_every=10**6)
+    result = run_stage(Fixed(task, [0]), trainable, config, optimizer=make_optimizer(trainable, config),
+                       start_step=0, deadline=None, checkpoint=lambda *_: None, log=lambda _: None)
+    assert result.losses[-1] < 0.8 * result.losses[0], result.losses
+    assert not any(p.requires_grad for n, p in stack.named_parameters() if "lora_" not in n)
+
+
+def test_train_stage3_writes_merged_layers_and_the_adapter(tiny_dir, small_data, tmp_path):
+    out = tmp_path / "adapted"
+    assert _train(tiny_dir, out, small_data, "--stage", "1,3", "--align", "words", "--steps", "2,1,4",
+                  "--adapter-layers", "1", "--adapter-pool", "4") == 0
+    assert (out / "adapter" / "adapter_config.json").exists()
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    new, old = WeightFiles(out), WeightFiles(tiny_dir)
+    changed = sorted(k for k in new.keys() if new.key_to_file[k].name == "llm_layers.safetensors")
+    assert changed and all(k.startswith("model.layers.1.") for k in changed)  # the top layer only
+    assert sorted(new.keys()) == sorted(old.keys())
+    state = load_state(out / "train_state.pt")
+    assert (state["stage"], state["step"]) == (3, 4)
+    assert all("lora_" in k for k in state["trainable"]["adapter"])
+    # the merged checkpoint equals the input LLM with the saved adapter merged in
+    merged = merge_adapter(load_model(tiny_dir).llm, out / "adapter")
+    loaded = load_model(out).llm
+    for key, value in merged.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=1e-6)
+    assert "## Stage 3 (adapter)" in (out / "TRAINING.md").read_text()
+    # resuming stage 3 picks up the adapter and the projector
+    assert _train(tiny_dir, out, small_data, "--stage", "1,3", "--align", "words", "--steps", "2,1,6",
+                  "--adapter-layers", "1", "--adapter-pool", "4", "--resume") == 0
+    assert load_state(out / "train_state.pt")["step"] == 6
+
+
+def test_stage_lists_parse():
+    assert stages("1,3") == (1, 3) and stages("all") == (1, 2, 3) and stages("2") == (2,)
+    for bad in ("3,1", "4", "1,1", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            stages(bad)

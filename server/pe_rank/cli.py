@@ -21,7 +21,9 @@ def _add_make_model(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("make-model", help="build a checkpoint in the released PE-Rank layout")
     p.add_argument("kind", choices=["tiny", "demo"])
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random projector seed (tiny, and demo --untrained)")
+    p.add_argument("--untrained", action="store_true",
+                   help="demo: random projector, LLM as released (default: the shipped trained projector and adapter)")
     p.set_defaults(func=cmd_make_model)
 
 
@@ -33,7 +35,7 @@ def cmd_make_model(args: argparse.Namespace) -> int:
     else:
         from .models.demo import make_demo
 
-        path = make_demo(args.out, seed=args.seed)
+        path = make_demo(args.out, seed=args.seed, trained=not args.untrained)
     print(f"wrote {args.kind} checkpoint to {path}")
     return 0
 
@@ -182,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_triton(sub)
     for name, module in (("export", "pe_rank_export.cli"), ("serve", "pe_rank.service.cli"),
-                         ("bench", "pe_rank.benchmark"), ("train", "pe_rank.training.cli")):
+                         ("bench", "pe_rank.benchmark"), ("train", "pe_rank.training.cli"),
+                         ("perf-analyzer", "pe_rank.perf_analyzer")):
         p = sub.add_parser(name, add_help=False, help=f"see `pe-rank {name} --help`")
         p.set_defaults(func=None, passthrough=name)
     return parser
@@ -194,6 +197,7 @@ _PASSTHROUGH = {
     "serve": ("pe_rank.service.cli", "cli_main"),
     "bench": ("pe_rank.benchmark", "cli_main"),
     "train": ("pe_rank.training.cli", "cli_main"),
+    "perf-analyzer": ("pe_rank.perf_analyzer", "cli_main"),
 }
 
 

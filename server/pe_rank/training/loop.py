@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .adapter import adapter_state
 from .tasks import Task, step_rng
 
 STATE_FORMAT = 1
@@ -53,7 +54,8 @@ def save_state(path: Path, stage: int, step: int, trainable: dict[str, nn.Module
     tmp = path.with_name(path.name + ".tmp")
     torch.save({
         "format": STATE_FORMAT, "stage": stage, "step": step, "seed": seed, "losses": losses,
-        "trainable": {name: module.state_dict() for name, module in trainable.items()},
+        "trainable": {name: adapter_state(module) if name == "adapter" else module.state_dict()
+                      for name, module in trainable.items()},
         "optimizer": optimizer.state_dict(),
     }, tmp)
     os.replace(tmp, path)

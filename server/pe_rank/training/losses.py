@@ -28,10 +28,16 @@ def decision_hidden(llm: nn.Module, prompt_ids: Tensor, positions: Tensor, embed
     followed by the teacher's first n-1 passages (teacher forcing), exactly what the ranker
     feeds when it emits the teacher's order. Row k decides the (k+1)-th passage.
     """
-    tokens = llm.get_input_embeddings()(prompt_ids)
-    inputs = torch.cat([splice_rows(tokens, positions, embeds), embeds[teacher[:-1]]])
+    inputs = teacher_forced_inputs(llm, prompt_ids, positions, embeds, teacher)
     hidden = llm(inputs_embeds=inputs[None], use_cache=False).last_hidden_state[0]
     return hidden[len(prompt_ids) - 1:]
+
+
+def teacher_forced_inputs(llm: nn.Module, prompt_ids: Tensor, positions: Tensor, embeds: Tensor,
+                          teacher: Tensor) -> Tensor:
+    """Input embeddings [T + n - 1, H]: the prompt with its soft tokens, then the teacher's first n-1 passages."""
+    tokens = llm.get_input_embeddings()(prompt_ids)
+    return torch.cat([splice_rows(tokens, positions, embeds), embeds[teacher[:-1]]])
 
 
 def passage_scores(hidden: Tensor, embeds: Tensor) -> Tensor:

@@ -1,8 +1,9 @@
-"""The trained checkpoint folder: the input checkpoint hard-linked, plus the new projector.
+"""The trained checkpoint folder: the input checkpoint hard-linked, plus the trained weights.
 
-The projector goes to ``projector.safetensors`` (keys ``model.projector.*``) and a
+The projector goes to ``projector.safetensors`` (keys ``model.projector.*``), the
+adapter-merged LLM layers of stage 3 to ``llm_layers.safetensors``, and a
 ``model.safetensors.index.json`` maps every other key to the input's weight files and the
-projector keys to the new file, so :class:`pe_rank.core.checkpoint.WeightFiles` (and
+trained keys to the new files, so :class:`pe_rank.core.checkpoint.WeightFiles` (and
 everything that loads checkpoints here) reads the trained projector and the untouched
 rest. Files this module rewrites are always replaced (write a temporary file, then
 rename), never written in place, so the hard-linked input never changes.
@@ -19,6 +20,8 @@ import torch
 from ..core.checkpoint import PROJECTOR_PREFIX, WeightFiles
 
 PROJECTOR_FILE = "projector.safetensors"
+LLM_LAYERS_FILE = "llm_layers.safetensors"  # adapter-merged top layers (stage 3)
+ADAPTER_DIR = "adapter"  # the PEFT LoRA adapter of stage 3, as trained
 INDEX_FILE = "model.safetensors.index.json"
 STATE_FILE = "train_state.pt"
 CACHE_FILE = "encoder_cache.pt"
@@ -56,15 +59,20 @@ def replace_file(path: Path, data: bytes | str) -> None:
 
 def write_projector(out: Path, projector: torch.nn.Module) -> None:
     """Save the projector and point the weight index at it."""
+    write_weights(out, PROJECTOR_FILE, {PROJECTOR_PREFIX + k: v for k, v in projector.state_dict().items()})
+
+
+def write_weights(out: Path, file: str, state: dict[str, torch.Tensor]) -> None:
+    """Store ``state`` in ``out/file`` and map its keys there in the weight index (others unchanged)."""
     from safetensors.torch import save
 
-    state = {PROJECTOR_PREFIX + k: v.detach().to("cpu", torch.float32).contiguous()
-             for k, v in projector.state_dict().items()}
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
     weight_map = {k: str(p.relative_to(out)) for k, p in WeightFiles(out).key_to_file.items()}
-    weight_map = {k: f for k, f in weight_map.items() if not k.startswith(PROJECTOR_PREFIX)}
-    weight_map.update({k: PROJECTOR_FILE for k in state})
-    replace_file(out / PROJECTOR_FILE, save(state, metadata={"format": "pt"}))
-    index = {"metadata": {"pe_rank_training": f"model.projector.* come from {PROJECTOR_FILE}"},
+    weight_map = {k: f for k, f in weight_map.items() if f != file and k not in state}
+    weight_map.update({k: file for k in state})
+    replace_file(out / file, save(state, metadata={"format": "pt"}))
+    overrides = sorted({f for f in weight_map.values() if f in (PROJECTOR_FILE, LLM_LAYERS_FILE)})
+    index = {"metadata": {"pe_rank_training": f"trained weights come from {', '.join(overrides)}"},
              "weight_map": dict(sorted(weight_map.items()))}
     replace_file(out / INDEX_FILE, json.dumps(index, indent=2) + "\n")
 

@@ -18,7 +18,8 @@ from ..core.model import PeRankModel
 from ..core.prompt import PLACEHOLDER
 from .data import Query, TrainingData
 from .embeddings import EmbeddingCache
-from .losses import alignment_loss, ranking_loss
+from .adapter import lower_states, top_hidden
+from .losses import alignment_loss, listmle, passage_scores, ranking_loss, teacher_forced_inputs
 
 # Stage 1's user message. A short instruction rather than the bare "[<PLACEHOLDER>]": with
 # a frozen LLM the instruction is what tells it to spell the soft token out.
@@ -54,8 +55,8 @@ def lm_head_weight(model: PeRankModel) -> Tensor:
 
 
 @dataclass
-class AlignmentTask:
-    """Stage 1: the LLM reads a passage's soft token and must write the passage out."""
+class PassageTask:
+    """What both stage-1 tasks draw from: single passages of the training runs."""
 
     model: PeRankModel
     cache: EmbeddingCache
@@ -63,6 +64,11 @@ class AlignmentTask:
     batch: int
     target_tokens: int = 64
     stage: int = 1
+
+
+@dataclass
+class AlignmentTask(PassageTask):
+    """Stage 1: the LLM reads a passage's soft token and must write the passage out."""
 
     def __post_init__(self) -> None:
         tok = self.model.prompts.tokenizer
@@ -91,6 +97,41 @@ class AlignmentTask:
                               [self.target(t) for t in texts])
 
 
+@dataclass
+class WordsAlignmentTask(PassageTask):
+    """Stage 1, cheap variant: a soft token should look like the words of its passage.
+
+    The target is the IDF-weighted mean of the LLM's input embeddings of the passage's first
+    ``target_tokens`` tokens (IDF over the training passages), scaled to the mean token-row
+    norm. No LLM pass is needed, so it trains in seconds; the LLM then reads a soft token as
+    a blend of the passage's salient words, which its frozen layers already understand.
+    """
+
+    def __post_init__(self) -> None:
+        tok = self.model.prompts.tokenizer
+        self._ids = [list(tok.encode(t))[: self.target_tokens] or [0] for t in self.passages]
+        counts = np.zeros(self.model.llm.get_input_embeddings().weight.shape[0], dtype=np.float64)
+        for ids in self._ids:
+            counts[np.unique(ids)] += 1
+        self.idf = torch.from_numpy(np.log((len(self._ids) + 1) / (counts + 1))).float()
+        self.rows = self.model.llm.get_input_embeddings().weight.detach().float().cpu()
+        self.row_norm = float(self.rows.norm(dim=1).mean())
+
+    def sample(self, rng: np.random.Generator) -> list[int]:
+        return [int(i) for i in rng.choice(len(self.passages), size=min(self.batch, len(self.passages)), replace=False)]
+
+    def target(self, k: int) -> Tensor:
+        ids = torch.tensor(self._ids[k])
+        weights = self.idf[ids]
+        mean = (weights[:, None] * self.rows[ids]).sum(0) / weights.sum().clamp(min=1e-6)
+        return mean / mean.norm().clamp(min=1e-6) * self.row_norm
+
+    def loss(self, picks: list[int]) -> Tensor:
+        embeds = project(self.model, self.cache.get([self.passages[k] for k in picks]))
+        targets = torch.stack([self.target(k) for k in picks]).to(embeds.device)
+        return ((embeds.float() - targets) ** 2).sum(-1).mean() / self.row_norm ** 2
+
+
 @dataclass(frozen=True)
 class Window:
     """One stage-2 sample: a query and its window's passages in (shuffled) input order."""
@@ -116,6 +157,13 @@ def teacher_order(grades: np.ndarray, cosine: np.ndarray) -> np.ndarray:
     return np.lexsort((-cosine, -grades)).astype(np.int64)
 
 
+def window_teacher(cache: EmbeddingCache, window: Window) -> np.ndarray:
+    """The teacher's order of a window: qrels grade, then encoder cosine to the query."""
+    encoded = cache.get([window.query, *window.passages])
+    cosine = encoded[1:] @ encoded[0]  # embeddings are L2-normalised
+    return teacher_order(np.asarray(window.grades, dtype=np.int64), cosine)
+
+
 @dataclass
 class RankingTask:
     """Stage 2: ListMLE on the ranker's own scores, teacher-forced with the teacher's order."""
@@ -131,9 +179,7 @@ class RankingTask:
         return [sample_window(self.data.queries, rng, self.window) for _ in range(self.batch)]
 
     def teacher(self, window: Window) -> np.ndarray:
-        encoded = self.cache.get([window.query, *window.passages])
-        cosine = encoded[1:] @ encoded[0]  # embeddings are L2-normalised
-        return teacher_order(np.asarray(window.grades, dtype=np.int64), cosine)
+        return window_teacher(self.cache, window)
 
     def window_loss(self, window: Window) -> Tensor:
         ids, positions = self.model.prompts.build(window.query, len(window.passages))
@@ -145,3 +191,53 @@ class RankingTask:
 
     def loss(self, windows: list[Window]) -> Tensor:
         return torch.stack([self.window_loss(w) for w in windows]).mean()
+
+
+@dataclass
+class AdapterTask:
+    """Stage 3: ListMLE like stage 2, but training LoRA on the LLM's top layers (projector frozen).
+
+    Windows come from a fixed pool drawn with the run's seed, so each window's lower-layer
+    states are computed once (no gradients) and reused whenever the window is drawn again.
+    """
+
+    model: PeRankModel
+    cache: EmbeddingCache
+    data: TrainingData
+    stack: torch.nn.Module  # the decoder stack carrying the LoRA modules
+    first: int  # the first adapted layer
+    batch: int = 1
+    pool: int = 512
+    window: int = 20
+    seed: int = 0
+    stage: int = 3
+
+    def __post_init__(self) -> None:
+        rng = np.random.default_rng([self.seed, self.stage])
+        self.windows = [sample_window(self.data.queries, rng, self.window) for _ in range(self.pool)]
+        self._states: dict[int, tuple[Tensor, Tensor, Tensor, int]] = {}
+
+    def sample(self, rng: np.random.Generator) -> list[int]:
+        return [int(k) for k in rng.integers(len(self.windows), size=self.batch)]
+
+    def prepared(self, k: int) -> tuple[Tensor, Tensor, Tensor, int]:
+        """(layer-``first`` input states, projected embeddings, teacher order, prompt length)."""
+        if k not in self._states:
+            window = self.windows[k]
+            ids, positions = self.model.prompts.build(window.query, len(window.passages))
+            device = self.model.device
+            with torch.no_grad():
+                embeds = project(self.model, self.cache.get(list(window.passages)))
+            teacher = torch.from_numpy(window_teacher(self.cache, window)).to(device)
+            inputs = teacher_forced_inputs(self.stack, torch.from_numpy(np.array(ids)).to(device),
+                                           torch.from_numpy(np.array(positions)).to(device), embeds, teacher)
+            self._states[k] = (lower_states(self.stack, inputs, self.first), embeds, teacher, len(ids))
+        return self._states[k]
+
+    def window_loss(self, k: int) -> Tensor:
+        states, embeds, teacher, prompt_len = self.prepared(k)
+        hidden = top_hidden(self.stack, states, self.first)[prompt_len - 1:]
+        return listmle(passage_scores(hidden, embeds), teacher)
+
+    def loss(self, picks: list[int]) -> Tensor:
+        return torch.stack([self.window_loss(k) for k in picks]).mean()

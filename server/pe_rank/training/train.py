@@ -16,10 +16,12 @@ from ..core.model import PeRankModel, load_model
 from .data import TrainingData, load_data
 from .embeddings import EmbeddingCache
 from .loop import StageConfig, StageResult, load_state, make_optimizer, run_stage, save_state
-from .output import CACHE_FILE, STATE_FILE, append_report, link_checkpoint, record_in_config, write_projector
-from .tasks import ALIGN_MESSAGE, AlignmentTask, RankingTask, Task
+from .adapter import attach_lora, merged_weights, save_adapter
+from .output import (ADAPTER_DIR, CACHE_FILE, LLM_LAYERS_FILE, STATE_FILE, append_report, link_checkpoint,
+                     record_in_config, write_projector, write_weights)
+from .tasks import ALIGN_MESSAGE, AdapterTask, AlignmentTask, RankingTask, Task, WordsAlignmentTask
 
-STAGE_NAMES = {1: "alignment", 2: "ranking"}
+STAGE_NAMES = {1: "alignment", 2: "ranking", 3: "adapter"}
 
 
 class TrainError(ValueError):
@@ -32,9 +34,13 @@ class TrainOptions:
     out: Path
     stages: tuple[int, ...] = (1, 2)
     data: Path = Path("data/train")
-    steps: dict[int, int] = field(default_factory=lambda: {1: 100, 2: 100})
-    lr: dict[int, float] = field(default_factory=lambda: {1: 1e-3, 2: 2e-4})
-    batch: dict[int, int] = field(default_factory=lambda: {1: 4, 2: 1})
+    steps: dict[int, int] = field(default_factory=lambda: {1: 100, 2: 100, 3: 300})
+    lr: dict[int, float] = field(default_factory=lambda: {1: 1e-3, 2: 2e-4, 3: 5e-4})
+    batch: dict[int, int] = field(default_factory=lambda: {1: 4, 2: 1, 3: 1})
+    align: str = "reconstruct"  # stage 1: "reconstruct" the passage text, or match its "words" embedding
+    adapter_layers: int = 6  # stage 3: LoRA on the LLM's top K layers
+    adapter_rank: int = 8
+    adapter_pool: int = 512  # stage 3: windows drawn once; their lower-layer states are cached
     window: int = 20
     seed: int = 0
     resume: bool = False
@@ -54,7 +60,7 @@ def pick_device(name: str) -> str:
 
 
 def freeze_all_but_projector(model: PeRankModel) -> dict[str, torch.nn.Module]:
-    """Encoder and LLM frozen; the returned modules train (LoRA adapters would join here)."""
+    """Encoder and LLM frozen; the returned modules train (stage 3 adds its LoRA adapter)."""
     for module in (model.llm, model.encoder):
         module.requires_grad_(False).eval()
     model.projector.float().requires_grad_(True).train()
@@ -63,11 +69,38 @@ def freeze_all_but_projector(model: PeRankModel) -> dict[str, torch.nn.Module]:
     return {"projector": model.projector}
 
 
+def first_adapted_layer(model: PeRankModel, opts: TrainOptions) -> int:
+    layers = len(model.llm.layers)
+    if not 1 <= opts.adapter_layers <= layers:
+        raise TrainError(f"--adapter-layers must lie in [1, {layers}] for this checkpoint")
+    return layers - opts.adapter_layers
+
+
+def add_adapter(model: PeRankModel, trainable: dict[str, torch.nn.Module], opts: TrainOptions) -> None:
+    """Stage 3: the projector freezes and LoRA on the top layers trains (idempotent)."""
+    model.projector.requires_grad_(False).eval()
+    if "adapter" not in trainable:
+        trainable["adapter"] = attach_lora(model.llm, first_adapted_layer(model, opts), opts.adapter_rank, opts.seed)
+
+
 def make_task(stage: int, model: PeRankModel, cache: EmbeddingCache, data: TrainingData,
               opts: TrainOptions) -> Task:
+    if stage == 1 and opts.align == "words":
+        return WordsAlignmentTask(model, cache, data.passages(), opts.batch[1], opts.target_tokens)
     if stage == 1:
         return AlignmentTask(model, cache, data.passages(), opts.batch[1], opts.target_tokens)
+    if stage == 3:
+        return AdapterTask(model, cache, data, model.llm, first_adapted_layer(model, opts), opts.batch[3],
+                           opts.adapter_pool, opts.window, opts.seed)
     return RankingTask(model, cache, data, opts.batch[2], opts.window)
+
+
+def write_trained(out: Path, model: PeRankModel, trainable: dict[str, torch.nn.Module]) -> None:
+    """The projector, and with stage 3 the adapter-merged top layers and the PEFT adapter itself."""
+    write_projector(out, model.projector)
+    if "adapter" in trainable:
+        write_weights(out, LLM_LAYERS_FILE, merged_weights(model.llm, prefix="model."))
+        save_adapter(trainable["adapter"], out / ADAPTER_DIR)
 
 
 def _check_out(opts: TrainOptions) -> dict | None:
@@ -100,8 +133,10 @@ def train(opts: TrainOptions, log: Callable[[str], None] = print) -> list[StageR
     model = load_model(opts.model, device=device)
     trainable = freeze_all_but_projector(model)
     if state is not None:
+        if "adapter" in state["trainable"]:
+            add_adapter(model, trainable, opts)
         for name, module in trainable.items():
-            module.load_state_dict(state["trainable"][name])
+            module.load_state_dict(state["trainable"][name], strict=name != "adapter")
         log(f"resuming stage {state['stage']} at step {state['step']}")
     else:
         link_checkpoint(opts.model, opts.out)
@@ -124,6 +159,8 @@ def train(opts: TrainOptions, log: Callable[[str], None] = print) -> list[StageR
 def _run_one(stage: int, state: dict | None, model: PeRankModel, trainable: dict[str, torch.nn.Module],
              cache: EmbeddingCache, data: TrainingData, opts: TrainOptions, deadline: float | None,
              log: Callable[[str], None]) -> StageResult | None:
+    if stage == 3:
+        add_adapter(model, trainable, opts)
     config = StageConfig(steps=opts.steps[stage], lr=opts.lr[stage], seed=opts.seed, warmup=opts.warmup,
                          save_every=opts.save_every, log_every=opts.log_every)
     optimizer = make_optimizer(trainable, config)
@@ -141,11 +178,11 @@ def _run_one(stage: int, state: dict | None, model: PeRankModel, trainable: dict
 
     def checkpoint(step: int, seen: list[float]) -> None:
         save_state(opts.out / STATE_FILE, stage, step, trainable, optimizer, opts.seed, seen)
-        write_projector(opts.out, model.projector)
+        write_trained(opts.out, model, trainable)
         cache.save()
 
     log(f"stage {stage} ({STAGE_NAMES[stage]}): steps {start_step}..{config.steps}, lr {config.lr:g}, "
-        f"batch {opts.batch[stage]}" + (f", window {opts.window}" if stage == 2 else ""))
+        f"batch {opts.batch[stage]}" + (f", window {opts.window}" if stage >= 2 else ""))
     result = run_stage(task, trainable, config, optimizer=optimizer, start_step=start_step,
                        deadline=deadline, checkpoint=checkpoint, log=log, losses=losses)
     record_in_config(opts.out, stage, {"steps": result.step, "seed": opts.seed, "lr": config.lr,
@@ -175,20 +212,33 @@ def _mean(values: list[float]) -> str:
     return f"{sum(values) / len(values):.4f}" if values else "-"
 
 
+def _task_details(stage: int, opts: TrainOptions) -> str:
+    ranking = (f"windows of {opts.window} from the BM25 top-100, random offset, shuffled; teacher = qrels grade "
+               "then encoder cosine (cosine only without qrels); ListMLE on s_i = h . e_i")
+    if stage == 3:
+        return (f"{ranking}; LoRA rank {opts.adapter_rank} on the top {opts.adapter_layers} LLM layers "
+                f"(q/k/v/o/gate/up/down), a pool of {opts.adapter_pool} windows whose lower-layer states are cached")
+    if stage == 2:
+        return ranking
+    if opts.align == "words":
+        return (f"regress each soft token onto the IDF-weighted mean input embedding of the passage's first "
+                f"{opts.target_tokens} LLM tokens (squared error / mean row norm^2)")
+    return (f'user message "{ALIGN_MESSAGE}", targets cut to {opts.target_tokens} LLM tokens, '
+            "loss = cross-entropy on the passage tokens")
+
+
 def report_section(result: StageResult, config: StageConfig, data: TrainingData, opts: TrainOptions,
                    model: PeRankModel) -> str:
     stage = result.stage
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     run_losses = result.losses[result.start_step:]
-    details = (f'user message "{ALIGN_MESSAGE}", targets cut to {opts.target_tokens} LLM tokens, '
-               "loss = cross-entropy on the passage tokens" if stage == 1 else
-               f"windows of {opts.window} from the BM25 top-100, random offset, shuffled; teacher = qrels "
-               "grade then encoder cosine (cosine only without qrels); ListMLE on s_i = h . e_i")
+    details = _task_details(stage, opts)
     lines = [
         f"## Stage {stage} ({STAGE_NAMES[stage]}), {when}",
         "",
         f"- command: `{opts.command or '(called from Python)'}`",
-        f"- input checkpoint: `{opts.model}` (projector `{model.info.projector_type}`, encoder and LLM frozen)",
+        f"- input checkpoint: `{opts.model}` (projector `{model.info.projector_type}`; encoder frozen; "
+        + ("projector and lower LLM layers frozen)" if stage == 3 else "LLM frozen)"),
         f"- data: `{opts.data}`: {data.summary()}",
         "- files: " + ", ".join(f"`{f.name}` (sha256 {_sha256(f)})" for f in data.files),
         f"- task: {details}",
