@@ -40,7 +40,7 @@ import numpy as np
 PA_VERSION = "2.60.0"
 PA_WHEEL = f"perf_analyzer-{PA_VERSION}-py3-none-manylinux_2_38_x86_64.whl"
 PA_WHEEL_SHA256 = "23ef56b107ae9233e5cf09fbdf508dd9b936a52f1bae2f63f53c8117087b3f25"
-DEBIAN_MIRROR = "http://deb.debian.org/debian"
+APT_SOURCES = (Path("/etc/apt/sources.list.d/debian.sources"), Path("/etc/apt/sources.list"))
 DEBIAN_SUITE = "trixie"  # glibc 2.41, libstdc++ from GCC 14: newer than the wheel needs
 DEBIAN_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")  # bookworm's holds trixie's keys
 RUNTIME_PACKAGES = ("libc6", "libstdc++6", "libgcc-s1")
@@ -58,7 +58,25 @@ class PerfAnalyzerError(RuntimeError):
 # ---- installation
 
 
-def install(cache: Path = DEFAULT_CACHE, mirror: str = DEBIAN_MIRROR, log: Log = print) -> Path:
+def system_debian_mirror() -> str:
+    """The Debian archive this machine's apt already uses (the first ``URIs:``/``deb`` line naming debian)."""
+    for path in APT_SOURCES:
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines():
+            words = line.split()
+            if line.startswith("URIs:") and len(words) > 1:
+                uri = words[1]
+            elif words[:1] == ["deb"] and len(words) > 2:
+                uri = next((w for w in words[1:] if "://" in w), "")
+            else:
+                continue
+            if uri.rstrip("/").endswith("/debian"):
+                return uri
+    raise PerfAnalyzerError(f"no Debian archive found in {', '.join(map(str, APT_SOURCES))}: pass --debian-mirror URI")
+
+
+def install(cache: Path = DEFAULT_CACHE, mirror: str | None = None, log: Log = print) -> Path:
     """The cached ``bin/perf_analyzer`` wrapper, fetching only what is missing (idempotent)."""
     if platform.machine() != "x86_64":
         raise PerfAnalyzerError(f"perf-analyzer {PA_VERSION} is published for x86_64 only, not {platform.machine()}")
@@ -69,7 +87,7 @@ def install(cache: Path = DEFAULT_CACHE, mirror: str = DEBIAN_MIRROR, log: Log =
     binary = _fetch_binary(cache, log)
     native = _runs(binary)  # glibc >= 2.38 (e.g. Ubuntu 24.04): no loader needed
     if not native:
-        _fetch_runtime(cache, mirror, log)
+        _fetch_runtime(cache, mirror or system_debian_mirror(), log)
     _write_wrapper(wrapper, cache, native)
     if not _runs(wrapper):
         raise PerfAnalyzerError(f"{wrapper} does not start: {_version_output(wrapper)}")
@@ -491,7 +509,7 @@ def cli_main(argv: list[str]) -> int:
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="git-ignored: perf_analyzer, its "
                         "runtime, the input files")
     parser.add_argument("--perf-analyzer", type=Path, help="use this perf_analyzer instead of installing one")
-    parser.add_argument("--debian-mirror", default=DEBIAN_MIRROR)
+    parser.add_argument("--debian-mirror", help="Debian archive for the newer runtime (default: the one apt uses here)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per perf_analyzer run")
     parser.add_argument("--install-only", action="store_true", help="install into --cache, print the path, exit")
     args = parser.parse_args(argv)
