@@ -94,7 +94,7 @@ def live_sequences(triton_url: str) -> int:
     with tclient.InferenceServerClient(triton_url) as client:
         result = client.infer("pe_llm", [], sequence_id=int(np.random.randint(1, 2**62)),
                               sequence_start=True, sequence_end=True)
-        return int(result.as_numpy("LIVE_SEQUENCES")[0])
+        return int(result.as_numpy("LIVE_SEQUENCES")[0, 0])  # [batch of 1, 1]
 
 
 def request_of(case: dict, **extra) -> pb.RerankRequest:

@@ -64,8 +64,21 @@ def dl19_texts(dl19, n: int = 20, query: int = 3) -> list[str]:
 # ---- pe_llm protocol helpers (sync client)
 
 
+def start_inputs(prompt_ids: np.ndarray, embeds: np.ndarray) -> list[tclient.InferInput]:
+    """PROMPT_IDS [1, T] and PASSAGE_EMBEDS [1, n, H]: one window per request."""
+    return [tensor("PROMPT_IDS", np.ascontiguousarray(prompt_ids, dtype=np.int64)[None]),
+            tensor("PASSAGE_EMBEDS", np.ascontiguousarray(embeds, dtype=np.float32)[None])]
+
+
+def choice_input(choice: int) -> tclient.InferInput:
+    return tensor("CHOICE", np.array([[choice]], dtype=np.int64))
+
+
 class Llm:
-    """Raw pe_llm requests; every call returns (SCORES, LIVE_SEQUENCES)."""
+    """Raw pe_llm requests; every call returns (SCORES, LIVE_SEQUENCES).
+
+    pe_llm batches requests of different sequences, so every tensor has a leading batch dim of 1.
+    """
 
     def __init__(self, client: tclient.InferenceServerClient) -> None:
         self.client = client
@@ -74,16 +87,14 @@ class Llm:
         result = self.client.infer("pe_llm", inputs, sequence_id=corrid, sequence_start=start, sequence_end=end,
                                    client_timeout=60)
         live = result.as_numpy("LIVE_SEQUENCES")
-        assert live.shape == (1,)
-        return result.as_numpy("SCORES"), int(live[0])
+        assert live.shape == (1, 1) and result.as_numpy("STEP_BATCH").shape == (1, 1)
+        return result.as_numpy("SCORES")[0], int(live[0, 0])
 
     def start(self, corrid: int, prompt_ids: np.ndarray, embeds: np.ndarray, end: bool = False):
-        return self._infer(corrid, [tensor("PROMPT_IDS", np.ascontiguousarray(prompt_ids, dtype=np.int64)),
-                                    tensor("PASSAGE_EMBEDS", np.ascontiguousarray(embeds, dtype=np.float32))],
-                           start=True, end=end)
+        return self._infer(corrid, start_inputs(prompt_ids, embeds), start=True, end=end)
 
     def step(self, corrid: int, choice: int, end: bool = False):
-        return self._infer(corrid, [tensor("CHOICE", np.array([choice], dtype=np.int64))], end=end)
+        return self._infer(corrid, [choice_input(choice)], end=end)
 
     def end(self, corrid: int):
         return self._infer(corrid, [], end=True)
@@ -275,8 +286,8 @@ def test_bad_inputs_return_errors_and_model_keeps_serving(clients, conformance_m
         llm.start(new_corrid(), np.concatenate([ids3, [10**9]]), embeds3, end=True)
     # a wrong dtype is refused by Triton before the model
     with pytest.raises(InferenceServerException):
-        llm._infer(new_corrid(), [tensor("PROMPT_IDS", ids3.astype(np.float32)), tensor("PASSAGE_EMBEDS", embeds3)],
-                   start=True, end=True)
+        llm._infer(new_corrid(), [tensor("PROMPT_IDS", ids3.astype(np.float32)[None]),
+                                  tensor("PASSAGE_EMBEDS", embeds3[None])], start=True, end=True)
 
     # a step on a sequence whose START failed: the model has no state for it
     failed = new_corrid()
@@ -302,4 +313,185 @@ def test_bad_inputs_return_errors_and_model_keeps_serving(clients, conformance_m
     again = llm.run(ids3, embeds3, [1, 2])
     for x, y in zip(again, want):
         np.testing.assert_array_equal(x, y)
+    assert llm.live() == baseline
+
+
+# ---- 6. pe_llm batches the CHOICE steps of concurrent sequences into one forward pass
+
+# Batched GEMMs and masked SDPA change the float rounding, not the math: a batched step equals
+# the unbatched one to float noise (~1e-6 on these scores), so scores are compared to 1e-4 and
+# rankings only where no decision is a near-tie closer than that.
+BATCH_TOLERANCE = 1e-4
+# tiny-a windows (DL19 query, passages) of different sizes whose every greedy decision is won by
+# more than BATCH_TOLERANCE; tiny-b is full of 1e-6 near-ties (see the conformance cases)
+WIDE_MARGIN_WINDOWS = ((0, 4), (1, 7), (2, 11), (4, 20), (5, 9), (6, 13), (8, 6))
+
+
+def greedy_margins(stepper, prompt_ids: np.ndarray, embeds: np.ndarray) -> tuple[list[int], float]:
+    """Full-mode greedy decoding on one window, alone: (the choices fed, smallest winning margin)."""
+    state, scores = stepper.start(prompt_ids, embeds)
+    remaining, choices, margin = np.ones(len(embeds), dtype=bool), [], np.inf
+    while remaining.sum() > 1:
+        masked = np.where(remaining, scores, -np.inf)
+        top2 = np.sort(masked)[-2:]
+        margin = min(margin, float(top2[1] - top2[0]))
+        pick = int(np.argmax(masked))
+        remaining[pick] = False
+        if remaining.sum() > 1:
+            choices.append(pick)
+            scores = stepper.step(state, pick)
+    return choices, margin
+
+
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_step_many_equals_step_for_windows_of_different_lengths(name, conformance_models, prompt_builders, dl19):
+    """TorchStepper.step_many on windows of 4..20 passages (prompts of different lengths) vs step alone.
+
+    Scores agree to BATCH_TOLERANCE (float noise of the batched GEMMs, not bit-identical), argmax
+    choices agree wherever the alone margin exceeds that noise, and a batch of one is bit-exact.
+    """
+    from pe_rank.core.inprocess import stepper_for
+
+    model, _ = conformance_models[name]
+    stepper = stepper_for(model)
+    windows = [window_inputs(model, prompt_builders[name], dl19, q, n) for q, n in WIDE_MARGIN_WINDOWS[:5]]
+    choices = [[len(embeds) - 1, 0, len(embeds) // 2] for _, embeds in windows]
+    alone = []
+    for (ids, embeds), picks in zip(windows, choices):
+        state, first = stepper.start(ids, embeds)
+        alone.append([first] + [stepper.step(state, pick) for pick in picks])
+
+    states = [stepper.start(ids, embeds)[0] for ids, embeds in windows]
+    assert len({s.length for s in states}) == len(states), "the windows must differ in prompt length"
+    for k in range(3):
+        batched = stepper.step_many(states, [picks[k] for picks in choices])
+        for w, (got, want) in enumerate(zip(batched, (a[k + 1] for a in alone))):
+            assert got.shape == want.shape
+            np.testing.assert_allclose(got, want, rtol=0, atol=BATCH_TOLERANCE, err_msg=f"window {w}, step {k}")
+            top2 = np.sort(want)[-2:]
+            if top2[1] - top2[0] > BATCH_TOLERANCE:
+                assert int(np.argmax(got)) == int(np.argmax(want)), f"window {w}, step {k}"
+    assert [s.length for s in states] == [len(ids) + 3 for ids, _ in windows]
+
+    state, _ = stepper.start(*windows[0])
+    np.testing.assert_array_equal(stepper.step_many([state], [choices[0][0]])[0], alone[0][1])
+    with pytest.raises(ValueError, match="out of range"):
+        stepper.step_many([states[0], states[1]], [0, 99])
+    assert [s.length for s in states] == [len(ids) + 3 for ids, _ in windows]  # nothing ran
+
+
+class StepBatchRecorder:
+    """A real asyncio Triton client that also notes each pe_llm response's STEP_BATCH."""
+
+    def __init__(self, client) -> None:
+        self.client = client
+        self.step_batches: list[int] = []
+
+    async def infer(self, model_name: str, inputs: list, **kwargs):
+        result = await self.client.infer(model_name, inputs, **kwargs)
+        if model_name == "pe_llm":
+            self.step_batches.append(int(result.as_numpy("STEP_BATCH")[0, 0]))
+        return result
+
+
+async def llm_counts(client) -> tuple[int, int]:
+    """Triton's own statistics for pe_llm: (requests inferred, model executions)."""
+    stats = (await client.get_inference_statistics("pe_llm")).model_stats[0]
+    return stats.inference_count, stats.execution_count
+
+
+def test_concurrent_windows_rank_as_if_alone_and_share_forward_passes(tritons, conformance_models,
+                                                                     prompt_builders, dl19):
+    name = "tiny-a"
+    model, _ = conformance_models[name]
+    from pe_rank.core.inprocess import stepper_for
+
+    stepper = stepper_for(model)
+    requests = []
+    for q, n in WIDE_MARGIN_WINDOWS:
+        hits = dl19[q]["hits"][:n]
+        requests.append(RerankRequest(query=dl19[q]["query"], window_size=20, stride=10,
+                                      passages=tuple(Passage(h["docid"], h["content"]) for h in hits)))
+        _, margin = greedy_margins(stepper, *window_inputs(model, prompt_builders[name], dl19, q, n))
+        assert margin > 10 * BATCH_TOLERANCE, f"query {q}, {n} passages: a near-tie, not comparable"
+    url = tritons(name, "torch").grpc_url
+
+    async def rank_all() -> tuple[list[list[str]], list[list[str]], list[int], list[int], tuple[int, int]]:
+        from tritonclient.grpc.aio import InferenceServerClient
+
+        client = InferenceServerClient(url)
+        try:
+            def reranker(recorder):
+                return Reranker(TritonEmbedder(client, EmbeddingCache(0), "exact"), TritonStepBackend(recorder),
+                                prompt_builders[name])
+
+            alone_rec = StepBatchRecorder(client)
+            alone = [[r.id for r in (await reranker(alone_rec).rerank(req)).ranking] for req in requests]
+            together_rec = StepBatchRecorder(client)
+            before = await llm_counts(client)
+            results = await asyncio.gather(*(reranker(together_rec).rerank(req) for req in requests))
+            after = await llm_counts(client)
+            together = [[r.id for r in result.ranking] for result in results]
+            delta = (after[0] - before[0], after[1] - before[1])
+            return alone, together, alone_rec.step_batches, together_rec.step_batches, delta
+        finally:
+            await client.close()
+
+    alone, together, alone_batches, together_batches, (inferred, executions) = asyncio.run(rank_all())
+    assert together == alone
+    assert set(alone_batches) <= {0, 1}  # one at a time: never batched (and so bit-exact)
+    assert max(together_batches) > 1, f"pe_llm never batched steps: {together_batches}"
+    assert inferred == len(together_batches) and executions < inferred, (inferred, executions)
+
+
+def test_a_bad_choice_in_a_batch_fails_only_that_request(tritons, clients, conformance_models, prompt_builders, dl19):
+    name = "tiny-a"
+    model, _ = conformance_models[name]
+    llm = Llm(clients(name))
+    windows = [window_inputs(model, prompt_builders[name], dl19, q, n) for q, n in WIDE_MARGIN_WINDOWS[:3]]
+    alone = [llm.run(ids, embeds, [1, 2]) for ids, embeds in windows]
+    baseline = llm.live()
+    url = tritons(name, "torch").grpc_url
+
+    async def attempt(client) -> bool:
+        """START three windows, then one CHOICE each at once, the middle one out of range."""
+        async def infer(corrid: int, inputs: list, start: bool = False, end: bool = False):
+            result = await client.infer("pe_llm", inputs, sequence_id=corrid, sequence_start=start,
+                                        sequence_end=end, client_timeout=60)
+            return result.as_numpy("SCORES")[0], int(result.as_numpy("STEP_BATCH")[0, 0])
+
+        corrids = [new_corrid() for _ in windows]
+        for corrid, (ids, embeds) in zip(corrids, windows):
+            await infer(corrid, start_inputs(ids, embeds), start=True)
+        before = await llm_counts(client)
+        good_a, bad, good_c = await asyncio.gather(infer(corrids[0], [choice_input(1)]),
+                                                   infer(corrids[1], [choice_input(99)]),
+                                                   infer(corrids[2], [choice_input(1)]), return_exceptions=True)
+        after = await llm_counts(client)
+        assert isinstance(bad, InferenceServerException) and "out of range" in str(bad), bad
+        for (scores, _), want in ((good_a, alone[0][1]), (good_c, alone[2][1])):
+            np.testing.assert_allclose(scores, want, rtol=0, atol=BATCH_TOLERANCE)
+        # the failed CHOICE changed nothing: the middle window goes on as if it never happened
+        for w, corrid in enumerate(corrids):
+            scores, _ = await infer(corrid, [choice_input(1 if w == 1 else 2)], end=True)
+            np.testing.assert_allclose(scores, alone[w][1 if w == 1 else 2], rtol=0, atol=BATCH_TOLERANCE)
+        shared = (after[0] - before[0], after[1] - before[1]) == (3, 1)
+        if shared:
+            assert good_a[1] == good_c[1] == 2  # the two valid steps ran as one forward
+        return shared
+
+    async def run() -> list[bool]:
+        from tritonclient.grpc.aio import InferenceServerClient
+
+        client = InferenceServerClient(url)
+        try:
+            outcomes = []
+            while len(outcomes) < 5 and not any(outcomes):  # until the three land in one execute
+                outcomes.append(await attempt(client))
+            return outcomes
+        finally:
+            await client.close()
+
+    outcomes = asyncio.run(run())
+    assert any(outcomes), "the three CHOICE requests never shared a batch"
     assert llm.live() == baseline

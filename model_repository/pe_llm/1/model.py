@@ -3,15 +3,30 @@
 START carries PROMPT_IDS [T] and the window's PASSAGE_EMBEDS [n, H] and returns SCORES [n]
 at the last prompt position; each later request carries CHOICE (the emitted passage's
 index), feeds its embedding through the KV cache and returns the next SCORES; END frees
-the state. Every response also reports LIVE_SEQUENCES. The step code is pe_rank's
-TorchStepper, the same the in-process ranker runs.
+the state. Every tensor has a leading batch dim of 1 per request (max_batch_size > 0).
+
+The sequence batcher (``oldest``) hands execute() requests of up to max_batch_size different
+sequences at once. Their CHOICE steps run as ONE forward pass (TorchStepper.step_many): a
+decode step reads every weight for a single token, so a batch of steps costs little more
+than one. STARTs (prefills of different lengths) run one by one. Every response reports
+LIVE_SEQUENCES and STEP_BATCH (how many steps shared this request's forward; 0 for a START).
+A request that fails (bad CHOICE, unknown sequence, bad prompt) gets its own error response;
+the others in the batch go on. The step code is pe_rank's TorchStepper, the same the
+in-process ranker runs.
 """
 import json
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from pe_rank.triton.backend_utils import device_of, input_array, model_dir, respond_each
+from pe_rank.triton.backend_utils import device_of, input_array, model_dir
+
+
+def _request_row(array, name):
+    """The request's one window: its tensors carry a batch dim of exactly 1."""
+    if array.ndim == 0 or array.shape[0] != 1:
+        raise ValueError(f"{name}: one window per request (batch dim 1), got shape {list(array.shape)}")
+    return array[0]
 
 
 class TritonPythonModel:
@@ -39,35 +54,71 @@ class TritonPythonModel:
 
     def execute(self, requests):
         self.states.expire_idle()
-        return respond_each(pb_utils, requests, self._one)
+        results = [None] * len(requests)  # per request: (scores, step batch) or the exception it raised
+        steps = []  # (request position, state, passage index): the CHOICE steps to batch
+        ends = []
+        for k, request in enumerate(requests):
+            try:
+                corrid = int(input_array(pb_utils, request, "CORRID").reshape(-1)[0])
+                start = bool(input_array(pb_utils, request, "START").reshape(-1)[0])
+                if bool(input_array(pb_utils, request, "END").reshape(-1)[0]):
+                    ends.append(corrid)  # freed after the batch, whether this request succeeds or not
+                choice = input_array(pb_utils, request, "CHOICE", required=False)
+                if start or choice is None:
+                    results[k] = (self._start(request, corrid, start, choice), 0)
+                else:
+                    state = self.states.get(corrid)
+                    index = int(_request_row(choice, "CHOICE").reshape(-1)[0])
+                    self.stepper.check_index(state, index)
+                    steps.append((k, state, index))
+            except Exception as exc:  # this request's error only; the others go on
+                results[k] = exc
+        self._run_steps(steps, results)
+        for corrid in ends:
+            self.states.drop(corrid)
+        live = np.array([[len(self.states)]], dtype=np.int64)
+        return [self._response(result, live) for result in results]
 
-    def _one(self, request):
-        corrid = int(input_array(pb_utils, request, "CORRID").reshape(-1)[0])
-        start = bool(input_array(pb_utils, request, "START").reshape(-1)[0])
-        end = bool(input_array(pb_utils, request, "END").reshape(-1)[0])
-        try:
-            scores = self._advance(request, corrid, start)
-        finally:
-            if end:
-                self.states.drop(corrid)
-        return [pb_utils.Tensor("SCORES", scores.astype(np.float32)),
-                pb_utils.Tensor("LIVE_SEQUENCES", np.array([len(self.states)], dtype=np.int64))]
-
-    def _advance(self, request, corrid, start):
-        choice = input_array(pb_utils, request, "CHOICE", required=False)
+    def _start(self, request, corrid, start, choice):
         if start and pb_utils.get_input_tensor_by_name(request, "PROMPT_IDS") is None and choice is None:
             return np.zeros(0, dtype=np.float32)  # a bare START(+END): reports LIVE_SEQUENCES only
-        if start:
-            self.states.drop(corrid)
-            ids = input_array(pb_utils, request, "PROMPT_IDS").reshape(-1)
-            embeds = input_array(pb_utils, request, "PASSAGE_EMBEDS")
-            state, scores = self.stepper.start(ids, embeds)
-            self.states.put(corrid, state)
-            return scores
-        if choice is None:
+        if not start:
             return np.zeros(0, dtype=np.float32)  # e.g. a bare END
-        state = self.states.get(corrid)
-        return self.stepper.step(state, int(choice.reshape(-1)[0]))
+        self.states.drop(corrid)
+        ids = _request_row(input_array(pb_utils, request, "PROMPT_IDS"), "PROMPT_IDS")
+        embeds = _request_row(input_array(pb_utils, request, "PASSAGE_EMBEDS"), "PASSAGE_EMBEDS")
+        state, scores = self.stepper.start(ids, embeds)
+        self.states.put(corrid, state)
+        return scores
+
+    def _run_steps(self, steps, results):
+        """All valid CHOICE steps of this batch in one forward; should that fail, each on its own."""
+        if not steps:
+            return
+        try:
+            rows = self.stepper.step_many([state for _, state, _ in steps], [index for _, _, index in steps])
+        except Exception:  # step_many leaves every state untouched when it raises
+            rows = None
+        if rows is not None:
+            for (k, _, _), row in zip(steps, rows):
+                results[k] = (row, len(steps))
+            return
+        for k, state, index in steps:
+            try:
+                results[k] = (self.stepper.step(state, index), 1)
+            except Exception as exc:
+                results[k] = exc
+
+    @staticmethod
+    def _response(result, live):
+        if isinstance(result, Exception):
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(result).__name__}: {result}"))
+        scores, batch = result
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor("SCORES", np.asarray(scores, dtype=np.float32)[None]),
+            pb_utils.Tensor("LIVE_SEQUENCES", live),
+            pb_utils.Tensor("STEP_BATCH", np.array([[batch]], dtype=np.int64)),
+        ])
 
     def finalize(self):
         self.states.close()

@@ -6,7 +6,7 @@ passage"; the in-process backend and Triton's ``pe_llm`` model both call it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import numpy as np
 import torch
@@ -69,19 +69,81 @@ class TorchStepper:
         inputs = self.llm.get_input_embeddings()(ids).clone()
         inputs[positions] = embeds
         cache = DynamicCache()
-        hidden = self.llm(inputs_embeds=inputs[None], past_key_values=cache, use_cache=True).last_hidden_state
+        hidden = self.llm(inputs_embeds=inputs[None], cache=cache, use_cache=True).last_hidden_state
         state = WindowState(cache=cache, embeds=embeds, length=int(ids.shape[0]))
         return state, self._scores(hidden, embeds)
 
-    @torch.inference_mode()
-    def step(self, state: WindowState, index: int) -> np.ndarray:
+    @staticmethod
+    def check_index(state: WindowState, index: int) -> None:
+        """A CHOICE must name one of the window's passages (checked before any step runs)."""
         if not 0 <= index < state.embeds.shape[0]:
             raise ValueError(f"passage index {index} out of range [0, {state.embeds.shape[0]})")
+
+    @torch.inference_mode()
+    def step(self, state: WindowState, index: int) -> np.ndarray:
+        self.check_index(state, index)
         hidden = self.llm(
-            inputs_embeds=state.embeds[index][None, None], past_key_values=state.cache, use_cache=True
+            inputs_embeds=state.embeds[index][None, None], cache=state.cache, use_cache=True
         ).last_hidden_state
         state.length += 1
         return self._scores(hidden, state.embeds)
+
+    @torch.inference_mode()
+    def step_many(self, states: Sequence[WindowState], indices: Sequence[int]) -> list[np.ndarray]:
+        """``step`` for several windows in ONE forward pass, so the weights are read once per batch.
+
+        A decode step is memory-bandwidth bound (one token through every weight), so the steps
+        of concurrent windows cost little more together than one alone. The windows' KV caches
+        differ in length: they are left-padded to the longest inside one zeroed batch cache (a
+        StaticLayer per decoder layer, so the forward writes the new token in place instead of
+        concatenating), a 2D attention mask hides the padding from SDPA, and each window's
+        position id is its own length, so RoPE and causality are what ``step`` gives. Padded
+        columns get weight exactly 0 and hold zeros (0 * v stays 0); left padding leaves no
+        query row fully masked (SDPA would return NaN for one). Each window's new key/value
+        is then appended to its own cache.
+
+        One window goes through ``step`` itself, bit-identical. Batched scores differ from
+        ``step``'s only by float noise (different GEMM shapes, masked SDPA), ~1e-6 here.
+        Bad arguments raise before anything runs, and a failed forward leaves every state
+        unchanged, so a caller may retry the windows one by one.
+        """
+        from transformers.cache_utils import Cache, StaticLayer
+
+        if len(states) != len(indices):
+            raise ValueError(f"{len(states)} states for {len(indices)} indices")
+        if len({id(state) for state in states}) != len(states):
+            raise ValueError("a window may take only one step per batch")
+        for state, index in zip(states, indices):
+            self.check_index(state, index)
+        if len(states) <= 1:
+            return [self.step(state, index) for state, index in zip(states, indices)]
+
+        lengths = [state.length for state in states]
+        longest = max(lengths)
+        # [B, longest + 1]: left padding, then each window's cache, then the new token's column
+        mask = torch.zeros(len(states), longest + 1, dtype=torch.long, device=self.device)
+        layers = [StaticLayer(max_cache_len=longest + 1) for _ in states[0].cache.layers]
+        for i, layer in enumerate(layers):
+            mine = states[0].cache.layers[i]
+            rows = (len(states), -1, -1, -1)
+            layer.lazy_initialization(mine.keys.expand(*rows), mine.values.expand(*rows))  # zeros
+            layer.cumulative_length.fill_(longest)  # the forward writes the new token at column ``longest``
+        for b, (state, length) in enumerate(zip(states, lengths)):
+            mask[b, longest - length:] = 1
+            for own, layer in zip(state.cache.layers, layers):
+                layer.keys[b, :, longest - length : longest] = own.keys[0]
+                layer.values[b, :, longest - length : longest] = own.values[0]
+        inputs = torch.stack([state.embeds[index] for state, index in zip(states, indices)])[:, None]
+        positions = torch.tensor(lengths, dtype=torch.long, device=self.device)[:, None]
+        hidden = self.llm(
+            inputs_embeds=inputs, attention_mask=mask, position_ids=positions, cache=Cache(layers=layers),
+            use_cache=True,
+        ).last_hidden_state
+        for b, state in enumerate(states):
+            for i, layer in enumerate(layers):
+                state.cache.update(layer.keys[b : b + 1, :, longest:], layer.values[b : b + 1, :, longest:], i)
+            state.length += 1
+        return [self._scores(hidden[b : b + 1], state.embeds) for b, state in enumerate(states)]
 
     @staticmethod
     def _scores(hidden: torch.Tensor, embeds: torch.Tensor) -> np.ndarray:

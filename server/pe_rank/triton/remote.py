@@ -30,7 +30,11 @@ def _tensor(name: str, array: np.ndarray, dtype: str):
 
 
 class TritonSession:
-    """One window on pe_llm: START with the prompt, CHOICE per step, END to free the state."""
+    """One window on pe_llm: START with the prompt, CHOICE per step, END to free the state.
+
+    pe_llm batches requests of different sequences (max_batch_size > 0), so every tensor
+    carries a leading batch dim of 1: this request's one window.
+    """
 
     def __init__(self, client, corrid: int, timeout_s: float | None) -> None:
         self.client = client
@@ -43,17 +47,17 @@ class TritonSession:
             LLM_MODEL, inputs, sequence_id=self.corrid, sequence_start=start, sequence_end=end,
             client_timeout=self.timeout_s,
         )
-        return result.as_numpy("SCORES")
+        return result.as_numpy("SCORES")[0]
 
     async def start(self, prompt_ids: np.ndarray, passage_embeds: np.ndarray, last: bool = False) -> np.ndarray:
         self.open = not last
         return await self._infer([
-            _tensor("PROMPT_IDS", np.ascontiguousarray(prompt_ids, dtype=np.int64), "INT64"),
-            _tensor("PASSAGE_EMBEDS", np.ascontiguousarray(passage_embeds, dtype=np.float32), "FP32"),
+            _tensor("PROMPT_IDS", np.ascontiguousarray(prompt_ids, dtype=np.int64)[None], "INT64"),
+            _tensor("PASSAGE_EMBEDS", np.ascontiguousarray(passage_embeds, dtype=np.float32)[None], "FP32"),
         ], start=True, end=last)
 
     async def step(self, index: int, last: bool = False) -> np.ndarray:
-        scores = await self._infer([_tensor("CHOICE", np.array([index], dtype=np.int64), "INT64")], end=last)
+        scores = await self._infer([_tensor("CHOICE", np.array([[index]], dtype=np.int64), "INT64")], end=last)
         self.open = not last
         return scores
 
