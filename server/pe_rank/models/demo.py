@@ -51,22 +51,15 @@ TRAINED_PROJECTOR = TRAINED_DIR / "projector.safetensors"
 TRAINED_ADAPTER = TRAINED_DIR / "adapter"
 
 
-def _digest(*paths: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
 def provenance(seed: int, trained: bool = False) -> dict[str, str]:
     """What went into the folder; also the key that makes rebuilding idempotent."""
     llm = "SmolLM2-135M-Instruct Q4_1 GGUF dequantised"
     if trained:
+        from ..training.train import file_digest
+
         adapter = TRAINED_ADAPTER / "adapter_model.safetensors"
-        return {"projector": f"trained, {TRAINED_PROJECTOR.name} sha256 {_digest(TRAINED_PROJECTOR)}",
-                "llm": f"{llm}, LoRA adapter merged (sha256 {_digest(adapter)})", "encoder": "all-MiniLM-L6-v2"}
+        return {"projector": f"trained, {TRAINED_PROJECTOR.name} sha256 {file_digest(TRAINED_PROJECTOR)}",
+                "llm": f"{llm}, LoRA adapter merged (sha256 {file_digest(adapter)})", "encoder": "all-MiniLM-L6-v2"}
     return {"projector": f"random (seed {seed}), untrained", "llm": llm, "encoder": "all-MiniLM-L6-v2"}
 
 

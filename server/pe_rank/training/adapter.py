@@ -64,11 +64,6 @@ def top_hidden(llm: nn.Module, states: Tensor, first: int) -> Tensor:
     return llm.norm(x)[0]
 
 
-def base_stack(peft_model: nn.Module) -> nn.Module:
-    """The wrapped decoder stack (its layers carry the LoRA modules)."""
-    return peft_model.get_base_model()
-
-
 def merged_weights(stack: nn.Module, prefix: str = "") -> dict[str, Tensor]:
     """``{prefix + name + ".weight": W + delta}`` for every LoRA-adapted linear layer of ``stack``."""
     return {f"{prefix}{name}.weight": (module.base_layer.weight + module.get_delta_weight("default")).detach()

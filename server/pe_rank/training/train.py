@@ -191,7 +191,8 @@ def _run_one(stage: int, state: dict | None, model: PeRankModel, trainable: dict
     return result
 
 
-def _sha256(path: Path) -> str:
+def file_digest(path: Path) -> str:
+    """A short sha256 of a file, to name exactly which data or weights a run used."""
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
@@ -240,7 +241,7 @@ def report_section(result: StageResult, config: StageConfig, data: TrainingData,
         f"- input checkpoint: `{opts.model}` (projector `{model.info.projector_type}`; encoder frozen; "
         + ("projector and lower LLM layers frozen)" if stage == 3 else "LLM frozen)"),
         f"- data: `{opts.data}`: {data.summary()}",
-        "- files: " + ", ".join(f"`{f.name}` (sha256 {_sha256(f)})" for f in data.files),
+        "- files: " + ", ".join(f"`{f.name}` (sha256 {file_digest(f)})" for f in data.files),
         f"- task: {details}",
         f"- seed {opts.seed}; steps {result.start_step} -> {result.step} of {config.steps}"
         + (f" (resumed at {result.start_step})" if result.start_step else "")
