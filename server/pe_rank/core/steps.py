@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .kv_cache import BatchWorkspace, reserved_cache
+
 
 class StepSession(Protocol):
     """One window's decoding state: start once, step per emitted passage, end to free it.
@@ -49,11 +51,10 @@ class TorchStepper:
         self.placeholder_id = placeholder_id
         self.dtype = dtype
         self.device = device
+        self._workspace = BatchWorkspace()
 
     @torch.inference_mode()
     def start(self, prompt_ids: np.ndarray, passage_embeds: np.ndarray) -> tuple[WindowState, np.ndarray]:
-        from transformers import DynamicCache
-
         ids = torch.tensor(np.asarray(prompt_ids, dtype=np.int64), device=self.device)
         embeds = torch.as_tensor(np.asarray(passage_embeds, dtype=np.float32), device=self.device).to(self.dtype)
         if ids.ndim != 1 or embeds.ndim != 2 or embeds.shape[1] != self.llm.config.hidden_size:
@@ -68,7 +69,8 @@ class TorchStepper:
             raise ValueError(f"prompt ids must lie in [0, {self.llm.config.vocab_size})")
         inputs = self.llm.get_input_embeddings()(ids).clone()
         inputs[positions] = embeds
-        cache = DynamicCache()
+        # room for the prompt and every passage the window can still feed: steps never reallocate
+        cache = reserved_cache(self.llm.config.num_hidden_layers, len(ids) + len(embeds))
         hidden = self.llm(inputs_embeds=inputs[None], cache=cache, use_cache=True).last_hidden_state
         state = WindowState(cache=cache, embeds=embeds, length=int(ids.shape[0]))
         return state, self._scores(hidden, embeds)
@@ -94,20 +96,20 @@ class TorchStepper:
 
         A decode step is memory-bandwidth bound (one token through every weight), so the steps
         of concurrent windows cost little more together than one alone. The windows' KV caches
-        differ in length: they are left-padded to the longest inside one zeroed batch cache (a
-        StaticLayer per decoder layer, so the forward writes the new token in place instead of
-        concatenating), a 2D attention mask hides the padding from SDPA, and each window's
-        position id is its own length, so RoPE and causality are what ``step`` gives. Padded
-        columns get weight exactly 0 and hold zeros (0 * v stays 0); left padding leaves no
-        query row fully masked (SDPA would return NaN for one). Each window's new key/value
-        is then appended to its own cache.
+        differ in length: they are left-padded to the longest in a batch workspace reused from
+        call to call (:class:`~pe_rank.core.kv_cache.BatchWorkspace`: zeros, then each cache
+        right-aligned, and the forward writes the new token in place), a 2D attention mask
+        hides the padding from SDPA, and each window's position id is its own length, so RoPE
+        and causality are what ``step`` gives. Padded columns get weight exactly 0 and hold
+        zeros (0 * v stays 0); left padding leaves no query row fully masked (SDPA would return
+        NaN for one). Each window's new key/value is then appended to its own cache.
 
         One window goes through ``step`` itself, bit-identical. Batched scores differ from
         ``step``'s only by float noise (different GEMM shapes, masked SDPA), ~1e-6 here.
         Bad arguments raise before anything runs, and a failed forward leaves every state
         unchanged, so a caller may retry the windows one by one.
         """
-        from transformers.cache_utils import Cache, StaticLayer
+        from transformers.cache_utils import Cache
 
         if len(states) != len(indices):
             raise ValueError(f"{len(states)} states for {len(indices)} indices")
@@ -120,19 +122,11 @@ class TorchStepper:
 
         lengths = [state.length for state in states]
         longest = max(lengths)
+        layers = self._workspace.layers([state.cache for state in states], lengths)
         # [B, longest + 1]: left padding, then each window's cache, then the new token's column
         mask = torch.zeros(len(states), longest + 1, dtype=torch.long, device=self.device)
-        layers = [StaticLayer(max_cache_len=longest + 1) for _ in states[0].cache.layers]
-        for i, layer in enumerate(layers):
-            mine = states[0].cache.layers[i]
-            rows = (len(states), -1, -1, -1)
-            layer.lazy_initialization(mine.keys.expand(*rows), mine.values.expand(*rows))  # zeros
-            layer.cumulative_length.fill_(longest)  # the forward writes the new token at column ``longest``
-        for b, (state, length) in enumerate(zip(states, lengths)):
+        for b, length in enumerate(lengths):
             mask[b, longest - length:] = 1
-            for own, layer in zip(state.cache.layers, layers):
-                layer.keys[b, :, longest - length : longest] = own.keys[0]
-                layer.values[b, :, longest - length : longest] = own.values[0]
         inputs = torch.stack([state.embeds[index] for state, index in zip(states, indices)])[:, None]
         positions = torch.tensor(lengths, dtype=torch.long, device=self.device)[:, None]
         hidden = self.llm(
