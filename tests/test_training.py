@@ -5,6 +5,7 @@ import argparse
 import copy
 import gzip
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,8 @@ from pe_rank.core.steps import TorchStepper
 from pe_rank.training.data import load_data
 from pe_rank.training.embeddings import EmbeddingCache
 from pe_rank.training.loop import StageConfig, load_state, make_optimizer, run_stage
-from pe_rank.training.losses import decision_hidden, passage_scores
+from pe_rank.core.checkpoint import build_projector
+from pe_rank.training.losses import decision_hidden, feature_decoder, passage_scores, query_loss, split_projector
 from pe_rank.training.adapter import attach_lora, lower_states, merge_adapter, save_adapter, top_hidden
 from pe_rank.training.cli import stages
 from pe_rank.training.tasks import (AdapterTask, AlignmentTask, RankingTask, WordsAlignmentTask, sample_window,
@@ -142,6 +144,26 @@ def test_windows_are_random_slices_in_shuffled_order(small_data):
     assert a.grades == tuple(query.grade(d) for d in a.docids)
 
 
+def test_pseudo_queries_are_seeded_spans_of_a_passage_in_their_window(small_data):
+    data = load_data(small_data)
+    more = data.with_pseudo_queries(30, 8, seed=1)
+    assert more.queries[:len(data.queries)] == data.queries
+    pseudo = more.queries[len(data.queries):]
+    assert len(pseudo) == 30 and pseudo == data.with_pseudo_queries(30, 8, seed=1).queries[len(data.queries):]
+    assert pseudo != data.with_pseudo_queries(30, 8, seed=2).queries[len(data.queries):]
+    assert data.with_pseudo_queries(0, 8, seed=1) is data
+    for q in pseudo:
+        assert q.grades is None and q.run == "pseudo" and len(q.passages) == 8
+        source = next(r for r in data.queries if q.docids[0] in r.docids)
+        start = source.docids.index(q.docids[0])
+        assert q.docids == source.docids[start:start + 8] and q.passages == source.passages[start:start + 8]
+        words = q.text.split()
+        assert 1 <= len(words) <= 7 and q.text == q.text.lower()
+        # the query is a span of one of its window's passages (the one it was made from)
+        assert any(q.text in " ".join(re.findall(r"[a-z0-9][a-z0-9'-]*", p.lower())) for p in q.passages), q.text
+    assert "30 pseudo-queries" in more.summary()
+
+
 def _projector(folder: Path) -> dict[str, torch.Tensor]:
     weights = WeightFiles(folder)
     return {k: t for k, t, _ in weights.load(weights.keys(PROJECTOR_PREFIX))}
@@ -245,7 +267,45 @@ def test_words_alignment_targets_and_learning(trainable_tiny, small_data):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-def _adapter_task(model, data, pool=3, gain=1.0):
+def test_query_loss_pieces():
+    """The projector's last Linear splits off; the decoder maps features back to encoder space so that
+    (D q) . f(x) orders passages like the encoder cosine q . x; the loss is 0 exactly along D q."""
+    torch.manual_seed(0)
+    mlp = build_projector("mlp2x_gelu", 16, 24)
+    features, weight = split_projector(mlp)
+    x = torch.nn.functional.normalize(torch.randn(400, 16), dim=-1)
+    torch.testing.assert_close(features(x) @ weight.T + mlp[-1].bias, mlp(x))
+    linear = build_projector("linear", 16, 24)
+    assert torch.equal(split_projector(linear)[1], linear.weight)
+    with pytest.raises(ValueError, match="Linear"):
+        split_projector(build_projector("identity", 16, 16))
+    with torch.no_grad():
+        decoder = feature_decoder(features(x), x)
+        q = torch.nn.functional.normalize(torch.randn(16), dim=0)
+        others = torch.nn.functional.normalize(torch.randn(50, 16), dim=-1)
+        decoded, cosine = features(others) @ (decoder @ q), others @ q
+    assert np.corrcoef(decoded.numpy(), cosine.numpy())[0, 1] > 0.95
+    target = decoder @ q
+    along = torch.linalg.lstsq(weight.T, target[:, None]).solution.T  # W.T h = target exactly
+    assert query_loss(torch.cat([along, 3 * along]), weight, target).item() == pytest.approx(0, abs=1e-5)
+    assert query_loss(-along, weight, target).item() == pytest.approx(2, abs=1e-5)
+
+
+def test_stage3_query_loss_adds_to_listmle_and_learns(trainable_tiny, small_data):
+    data = load_data(small_data)
+    stack, task = _adapter_task(trainable_tiny, data, pool=1, gain=10.0)
+    plain = task.window_loss(0).item()
+    stack, task = _adapter_task(trainable_tiny, data, pool=1, gain=10.0, query_weight=1.0)
+    assert task.decoder.shape == (trainable_tiny.hidden_size, trainable_tiny.info.embedding_size)
+    assert task.window_loss(0).item() > plain  # the same ListMLE plus a positive query term
+    trainable = {"adapter": stack}
+    config = StageConfig(steps=40, lr=5e-2, seed=0, warmup=1, save_every=10**6, log_every=10**6)
+    result = run_stage(Fixed(task, [0]), trainable, config, optimizer=make_optimizer(trainable, config),
+                       start_step=0, deadline=None, checkpoint=lambda *_: None, log=lambda _: None)
+    assert result.losses[-1] < 0.8 * result.losses[0], result.losses
+
+
+def _adapter_task(model, data, pool=3, gain=1.0, query_weight=0.0):
     """A stage-3 task on copies of ``model``'s LLM and projector (output scaled by ``gain``)."""
     first = len(model.llm.layers) - 1
     stack = attach_lora(copy.deepcopy(model.llm), first, rank=4)
@@ -255,7 +315,8 @@ def _adapter_task(model, data, pool=3, gain=1.0):
     with torch.no_grad():
         for p in m.projector.parameters():
             p.mul_(gain)
-    return stack, AdapterTask(m, EmbeddingCache(model), data, m.llm, first, batch=1, pool=pool, window=6)
+    return stack, AdapterTask(m, EmbeddingCache(model), data, m.llm, first, batch=1, pool=pool, window=6,
+                              query_weight=query_weight)
 
 
 def test_stage3_scores_are_the_rankers_scores_of_the_merged_model(trainable_tiny, small_data, tmp_path):
@@ -316,6 +377,7 @@ def test_train_stage3_writes_merged_layers_and_the_adapter(tiny_dir, small_data,
     assert _train(tiny_dir, out, small_data, "--stage", "1,3", "--align", "words", "--steps", "2,1,6",
                   "--adapter-layers", "1", "--adapter-pool", "4", "--resume") == 0
     assert load_state(out / "train_state.pt")["step"] == 6
+    assert "steps 4 -> 6 of 6 (resumed at 4)" in (out / "TRAINING.md").read_text()  # not stage 3 afresh
 
 
 def test_stage_lists_parse():

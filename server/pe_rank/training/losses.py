@@ -55,6 +55,36 @@ def listmle(scores: Tensor, teacher: Tensor) -> Tensor:
     return -logp[torch.arange(n, device=teacher.device), teacher].mean()
 
 
+def split_projector(projector: nn.Module) -> tuple[nn.Module, Tensor]:
+    """``(features, W)`` with ``projector(x) = features(x) @ W.T + b``: its last Linear split off.
+
+    A passage's score is ``h . (W f(x) + b)``, so across one window's passages only
+    ``W.T h`` (in the features' space) decides the order.
+    """
+    if isinstance(projector, nn.Linear):
+        return nn.Identity(), projector.weight.detach()
+    if isinstance(projector, nn.Sequential) and isinstance(projector[-1], nn.Linear):
+        return projector[:-1], projector[-1].weight.detach()
+    raise ValueError(f"the query loss needs a projector ending in a Linear layer, not {type(projector).__name__}")
+
+
+def feature_decoder(features: Tensor, encoded: Tensor, ridge: float = 1e-2) -> Tensor:
+    """``D`` [F, E] with ``features @ D ~= encoded`` (ridge least squares over passages).
+
+    Then ``(D q) . f(x) ~= q . x``: a score direction that orders passages as the encoder's
+    cosine to the query ``q`` does (both are L2-normalised).
+    """
+    f = features.double()
+    gram = f.T @ f + ridge * torch.eye(f.shape[1], dtype=f.dtype, device=f.device)
+    return torch.linalg.solve(gram, f.T @ encoded.double()).float()
+
+
+def query_loss(hidden: Tensor, weight: Tensor, target: Tensor) -> Tensor:
+    """Mean over decision rows of ``1 - cos(W.T h, target)``: every row should score the window's
+    passages along ``target`` (the query's encoder embedding carried into feature space)."""
+    return (1 - F.cosine_similarity(hidden.float() @ weight.float(), target.float()[None], dim=-1)).mean()
+
+
 def ranking_loss(llm: nn.Module, prompt_ids: Tensor, positions: Tensor, embeds: Tensor, teacher: Tensor) -> Tensor:
     hidden = decision_hidden(llm, prompt_ids, positions, embeds, teacher)
     return listmle(passage_scores(hidden, embeds), teacher)

@@ -19,7 +19,8 @@ from ..core.prompt import PLACEHOLDER
 from .data import Query, TrainingData
 from .embeddings import EmbeddingCache
 from .adapter import lower_states, top_hidden
-from .losses import alignment_loss, listmle, passage_scores, ranking_loss, teacher_forced_inputs
+from .losses import (alignment_loss, feature_decoder, listmle, passage_scores, query_loss, ranking_loss,
+                     split_projector, teacher_forced_inputs)
 
 # Stage 1's user message. A short instruction rather than the bare "[<PLACEHOLDER>]": with
 # a frozen LLM the instruction is what tells it to spell the soft token out.
@@ -210,12 +211,24 @@ class AdapterTask:
     pool: int = 512
     window: int = 20
     seed: int = 0
+    query_weight: float = 0.0  # weight of query_loss next to ListMLE (0: ListMLE alone)
     stage: int = 3
 
     def __post_init__(self) -> None:
         rng = np.random.default_rng([self.seed, self.stage])
         self.windows = [sample_window(self.data.queries, rng, self.window) for _ in range(self.pool)]
         self._states: dict[int, tuple[Tensor, Tensor, Tensor, int]] = {}
+        if self.query_weight > 0:
+            self._fit_query_targets()
+
+    def _fit_query_targets(self) -> None:
+        """The query loss's pieces: the projector's last weight, and a decoder from its features back
+        to encoder space, fitted on the pool's passages (which the pool encodes anyway)."""
+        features, self.score_weight = split_projector(self.model.projector)
+        texts = list(dict.fromkeys(p for w in self.windows for p in w.passages))
+        encoded = torch.from_numpy(self.cache.get(texts)).to(self.model.device)
+        with torch.no_grad():
+            self.decoder = feature_decoder(features(encoded), encoded)
 
     def sample(self, rng: np.random.Generator) -> list[int]:
         return [int(k) for k in rng.integers(len(self.windows), size=self.batch)]
@@ -237,7 +250,11 @@ class AdapterTask:
     def window_loss(self, k: int) -> Tensor:
         states, embeds, teacher, prompt_len = self.prepared(k)
         hidden = top_hidden(self.stack, states, self.first)[prompt_len - 1:]
-        return listmle(passage_scores(hidden, embeds), teacher)
+        loss = listmle(passage_scores(hidden, embeds), teacher)
+        if self.query_weight > 0:
+            query = torch.from_numpy(self.cache.get([self.windows[k].query])[0]).to(hidden.device)
+            loss = loss + self.query_weight * query_loss(hidden, self.score_weight, self.decoder @ query)
+        return loss
 
     def loss(self, picks: list[int]) -> Tensor:
         return torch.stack([self.window_loss(k) for k in picks]).mean()

@@ -42,6 +42,8 @@ class TrainOptions:
     adapter_rank: int = 8
     adapter_pool: int = 512  # stage 3: windows drawn once; their lower-layer states are cached
     window: int = 20
+    pseudo_queries: int = 0  # stages 2 and 3: extra cosine-taught queries made from training passages
+    query_weight: float = 0.0  # stage 3: weight of the query loss next to ListMLE
     seed: int = 0
     resume: bool = False
     max_minutes: float | None = None
@@ -91,7 +93,7 @@ def make_task(stage: int, model: PeRankModel, cache: EmbeddingCache, data: Train
         return AlignmentTask(model, cache, data.passages(), opts.batch[1], opts.target_tokens)
     if stage == 3:
         return AdapterTask(model, cache, data, model.llm, first_adapted_layer(model, opts), opts.batch[3],
-                           opts.adapter_pool, opts.window, opts.seed)
+                           opts.adapter_pool, opts.window, opts.seed, opts.query_weight)
     return RankingTask(model, cache, data, opts.batch[2], opts.window)
 
 
@@ -126,7 +128,7 @@ def train(opts: TrainOptions, log: Callable[[str], None] = print) -> list[StageR
     """Run the requested stages; returns what each stage run did."""
     deadline = None if opts.max_minutes is None else time.monotonic() + opts.max_minutes * 60
     state = _check_out(opts)
-    data = load_data(opts.data)
+    data = load_data(opts.data).with_pseudo_queries(opts.pseudo_queries, opts.window, opts.seed)
     torch.manual_seed(opts.seed)
     device = pick_device(opts.device)
     log(f"loading {opts.model} on {device}; data {opts.data}: {data.summary()}")
@@ -145,7 +147,8 @@ def train(opts: TrainOptions, log: Callable[[str], None] = print) -> list[StageR
     results = []
     for stage in opts.stages:
         result = _run_one(stage, state, model, trainable, cache, data, opts, deadline, log)
-        state = None
+        if state is not None and stage >= state["stage"]:
+            state = None  # the saved stage is reached; stages after it start afresh
         if result is None:
             continue
         results.append(result)
@@ -217,7 +220,9 @@ def _task_details(stage: int, opts: TrainOptions) -> str:
     ranking = (f"windows of {opts.window} from the BM25 top-100, random offset, shuffled; teacher = qrels grade "
                "then encoder cosine (cosine only without qrels); ListMLE on s_i = h . e_i")
     if stage == 3:
-        return (f"{ranking}; LoRA rank {opts.adapter_rank} on the top {opts.adapter_layers} LLM layers "
+        query = (f"; plus {opts.query_weight:g} x query loss (1 - cos(W.T h, D q) per decision row)"
+                 if opts.query_weight > 0 else "")
+        return (f"{ranking}{query}; LoRA rank {opts.adapter_rank} on the top {opts.adapter_layers} LLM layers "
                 f"(q/k/v/o/gate/up/down), a pool of {opts.adapter_pool} windows whose lower-layer states are cached")
     if stage == 2:
         return ranking
