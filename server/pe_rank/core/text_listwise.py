@@ -132,7 +132,7 @@ class TextListwiseRanker:
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
         cache = DynamicCache()
         t0 = time.perf_counter()
-        hidden = llm(input_ids=ids, past_key_values=cache, use_cache=True).last_hidden_state
+        hidden = llm(input_ids=ids, cache=cache, use_cache=True).last_hidden_state
         prefill_ms = (time.perf_counter() - t0) * 1e3
         t0 = time.perf_counter()
         out: list[int] = []
@@ -147,7 +147,7 @@ class TextListwiseRanker:
             if len(out) >= self.max_new_tokens:
                 break
             step = torch.tensor([[token]], dtype=torch.long, device=device)
-            hidden = llm(input_ids=step, past_key_values=cache, use_cache=True).last_hidden_state
+            hidden = llm(input_ids=step, cache=cache, use_cache=True).last_hidden_state
         decode_ms = (time.perf_counter() - t0) * 1e3
         return Generation(out, len(prompt_ids), prefill_ms, decode_ms)
 
