@@ -57,7 +57,10 @@ def test_reserved_layer_holds_what_was_written_and_grows():
     torch.testing.assert_close(values, torch.cat([v, v2, v3], dim=2), rtol=0, atol=0)
     assert layer.get_seq_length() == 6
     layer.crop(-2)
-    assert layer.get_seq_length() == 4 and layer.length == 4
+    assert layer.get_seq_length() == 4
+    k4, v4 = torch.randn(1, 2, 1, 5), torch.randn(1, 2, 1, 5)
+    keys, _ = layer.update(k4, v4)  # after a crop, the next token lands right after what is kept
+    torch.testing.assert_close(keys, torch.cat([k, k2, k4], dim=2), rtol=0, atol=0)
 
 
 def test_batch_workspace_reuse_leaks_nothing_between_batches(model):

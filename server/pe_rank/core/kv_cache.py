@@ -1,12 +1,12 @@
 """KV caches for decode steps that allocate nothing per step.
 
 transformers' ``DynamicLayer`` appends each step's key/value with ``torch.cat``: a fresh
-tensor the size of the whole cache, every step, in every layer. On CPU such fresh memory
-page-faults on first touch, and a profile of ``TorchStepper.step_many`` (8 windows of ~350
-tokens, demo model) spent 88% of its time in that ``cat`` and in zero-filling a new padded
-batch cache, and 7% in the matrix products. Here a window's cache is reserved once for the
+tensor the size of the whole cache, every step, in every layer, and ``step_many`` used to
+zero-fill a new padded batch cache per call. Here a window's cache is reserved once for the
 window's whole decode (prompt + n passages) and written in place, and batched steps borrow
-a workspace that lives as long as the stepper.
+a workspace that lives as long as the stepper. Measured on the 2-core CPU VM (demo, 8 windows
+of 20): one step 50 -> 48 ms, a batch of 8 steps 128 -> 103 ms
+(bench/results/20261125-155400-vm-steps-kv-cache.md).
 """
 from __future__ import annotations
 
@@ -25,11 +25,11 @@ class ReservedLayer(DynamicLayer):
     def __init__(self, capacity: int) -> None:
         super().__init__()
         self.capacity = capacity
-        self.length = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
         self._buffers = (self._reserve(key_states, self.capacity), self._reserve(value_states, self.capacity))
+        self.keys, self.values = (buffer[:, :, :0] for buffer in self._buffers)
         self.is_initialized = True
 
     @staticmethod
@@ -41,29 +41,24 @@ class ReservedLayer(DynamicLayer):
                ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        start, end = self.length, self.length + key_states.shape[-2]
+        start = self.get_seq_length()  # keys/values are views of the filled part (crop shortens them)
+        end = start + key_states.shape[-2]
         if end > self._buffers[0].shape[-2]:
-            self._grow(end)
+            self._grow(start, end)
         keys, values = self._buffers
         keys[:, :, start:end] = key_states
         values[:, :, start:end] = value_states
-        self.length = end
         self.keys, self.values = keys[:, :, :end], values[:, :, :end]
         return self.keys, self.values
 
-    def _grow(self, needed: int) -> None:
+    def _grow(self, filled: int, needed: int) -> None:
         capacity = max(needed, 2 * self._buffers[0].shape[-2])
         grown = []
         for old in self._buffers:
             new = self._reserve(old, capacity)
-            new[:, :, : self.length] = old[:, :, : self.length]
+            new[:, :, :filled] = old[:, :, :filled]
             grown.append(new)
         self._buffers = tuple(grown)
-
-    def crop(self, tokens_to_remove: int) -> None:
-        super().crop(tokens_to_remove)
-        if self.is_initialized:
-            self.length = self.keys.shape[-2]
 
 
 def reserved_cache(layers: int, capacity: int) -> Cache:
@@ -91,7 +86,7 @@ class BatchWorkspace:
     """
 
     def __init__(self) -> None:
-        self._buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._buffers: list[tuple[torch.Tensor, torch.Tensor] | None] = []
 
     def layers(self, caches: list[Cache], lengths: list[int]) -> list[StaticLayer]:
         """Per decoder layer, a [B, heads, longest + 1, dim] cache: zeros, then each window's keys and
@@ -112,11 +107,16 @@ class BatchWorkspace:
     def _buffer(self, i: int, keys: torch.Tensor, values: torch.Tensor, batch: int, length: int
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         if i == len(self._buffers):
-            self._buffers.append((keys.new_empty(0), values.new_empty(0)))
-        k, v = self._buffers[i]
-        if k.ndim != 4 or k.shape[0] < batch or k.shape[2] < length or k.dtype != keys.dtype or k.device != keys.device:
-            shape = (max(batch, k.shape[0] if k.ndim == 4 else 0), keys.shape[1],
-                     max(length, k.shape[2] if k.ndim == 4 else 0), keys.shape[-1])
-            k, v = keys.new_empty(shape), values.new_empty(shape[:3] + (values.shape[-1],))
-            self._buffers[i] = (k, v)
+            self._buffers.append(None)
+        held = self._buffers[i]
+        if held is None or held[0].shape[0] < batch or held[0].shape[2] < length or held[0].dtype != keys.dtype \
+                or held[0].device != keys.device:
+            if held is not None:  # grow to cover both the old and the new shape
+                batch_cap, length_cap = max(batch, held[0].shape[0]), max(length, held[0].shape[2])
+            else:
+                batch_cap, length_cap = batch, length
+            held = (keys.new_empty((batch_cap, keys.shape[1], length_cap, keys.shape[-1])),
+                    values.new_empty((batch_cap, values.shape[1], length_cap, values.shape[-1])))
+            self._buffers[i] = held
+        k, v = held
         return k[:batch, :, :length], v[:batch, :, :length]
