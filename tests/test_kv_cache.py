@@ -1,4 +1,4 @@
-"""Reserved KV caches and the reused batch workspace: the same numbers as transformers' own cache."""
+"""Reserved KV caches and per-window batched steps: the same numbers as transformers' own cache."""
 from __future__ import annotations
 
 import numpy as np
@@ -63,9 +63,9 @@ def test_reserved_layer_holds_what_was_written_and_grows():
     torch.testing.assert_close(keys, torch.cat([k, k2, k4], dim=2), rtol=0, atol=0)
 
 
-def test_batch_workspace_reuse_leaks_nothing_between_batches(model):
-    """Batches that shrink and grow in size and length reuse one workspace: each batched step still
-    equals the same window stepped alone (a stale column would change the scores)."""
+def test_batched_steps_of_changing_batches_equal_steps_alone(model):
+    """Windows of different lengths join and leave batches: each batched step still equals the
+    same window stepped alone (a key written into the wrong window's cache would change it)."""
     stepper = stepper_for(model)
     windows = [_window(model, n, seed) for seed, n in enumerate((12, 3, 7, 10, 5))]
     picks = [0, 1, 2]
@@ -78,3 +78,30 @@ def test_batch_workspace_reuse_leaks_nothing_between_batches(model):
             taken[m] += 1
             np.testing.assert_allclose(row, alone[m][taken[m]], rtol=0, atol=1e-5, err_msg=f"window {m}, step {taken[m]}")
     assert taken == [3, 3, 3, 3, 3]
+
+
+def test_failed_batched_step_is_rolled_back(model, monkeypatch):
+    """A forward that fails after some layers wrote their keys leaves every window as it was:
+    same cache lengths, and the next batched step gives what stepping alone gives."""
+    stepper = stepper_for(model)
+    windows = [_window(model, n, seed) for seed, n in enumerate((6, 9, 4))]
+    alone = [_decode(stepper, ids, embeds, [1, 2]) for ids, embeds in windows]
+    states = [stepper.start(ids, embeds)[0] for ids, embeds in windows]
+    lengths = [s.length for s in states]
+
+    layers = model.llm.layers
+    assert len(layers) >= 2, "the failure must come after a layer has written its keys"
+    def fail(*args, **kwargs):
+        raise RuntimeError("injected failure")
+    monkeypatch.setattr(layers[len(layers) - 1].mlp, "forward", fail)
+    with pytest.raises(RuntimeError, match="injected"):
+        stepper.step_many(states, [1, 1, 1])
+    monkeypatch.undo()
+
+    assert [s.length for s in states] == lengths
+    for state in states:
+        assert {layer.get_seq_length() for layer in state.cache.layers} == {state.length}
+    for step, pick in enumerate([1, 2]):
+        rows = stepper.step_many(states, [pick] * len(states))
+        for w, row in enumerate(rows):
+            np.testing.assert_allclose(row, alone[w][step + 1], rtol=0, atol=1e-5, err_msg=f"window {w}")

@@ -11,7 +11,7 @@ of 20): one step 50 -> 48 ms, a batch of 8 steps 128 -> 103 ms
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
+from transformers.cache_utils import Cache, DynamicLayer
 
 
 class ReservedLayer(DynamicLayer):
@@ -66,57 +66,78 @@ def reserved_cache(layers: int, capacity: int) -> Cache:
     return Cache(layers=[ReservedLayer(capacity) for _ in range(layers)])
 
 
-class _BorrowedStaticLayer(StaticLayer):
-    """A ``StaticLayer`` over caller-owned buffers already holding ``filled`` columns (no allocation)."""
+class PerWindow:
+    """One tensor per window, passed through transformers' attention call in place of a batch tensor.
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, filled: int) -> None:
-        super().__init__(max_cache_len=keys.shape[-2])
-        self.device = keys.device
-        self.batch_size, self.num_heads = keys.shape[:2]
-        self.k_head_dim, self.v_head_dim = keys.shape[-1], values.shape[-1]
-        self.keys, self.values = keys, values
-        self.cumulative_length = torch.tensor(filled, device=keys.device)
-        self.is_initialized = True
-
-
-class BatchWorkspace:
-    """Left-padded batch caches for ``step_many``, reused from call to call (grown when too small).
-
-    Not thread-safe: one stepper runs one batch at a time (pe_llm's execute, the ranker's loop).
+    Windows of a batched step have caches of different lengths, so their keys/values cannot be
+    one tensor without padding them into a copy; :func:`window_attention` takes them as they are.
     """
 
-    def __init__(self) -> None:
-        self._buffers: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        self.tensors = tensors
 
-    def layers(self, caches: list[Cache], lengths: list[int]) -> list[StaticLayer]:
-        """Per decoder layer, a [B, heads, longest + 1, dim] cache: zeros, then each window's keys and
-        values right-aligned at column ``longest``, where the forward writes the new token."""
-        longest = max(lengths)
-        out = []
-        for i, first in enumerate(caches[0].layers):
-            keys, values = self._buffer(i, first.keys, first.values, len(caches), longest + 1)
-            for b, (cache, length) in enumerate(zip(caches, lengths)):
-                own = cache.layers[i]
-                keys[b, :, : longest - length].zero_()
-                values[b, :, : longest - length].zero_()
-                keys[b, :, longest - length : longest] = own.keys[0]
-                values[b, :, longest - length : longest] = own.values[0]
-            out.append(_BorrowedStaticLayer(keys, values, filled=longest))
-        return out
 
-    def _buffer(self, i: int, keys: torch.Tensor, values: torch.Tensor, batch: int, length: int
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        if i == len(self._buffers):
-            self._buffers.append(None)
-        held = self._buffers[i]
-        if held is None or held[0].shape[0] < batch or held[0].shape[2] < length or held[0].dtype != keys.dtype \
-                or held[0].device != keys.device:
-            if held is not None:  # grow to cover both the old and the new shape
-                batch_cap, length_cap = max(batch, held[0].shape[0]), max(length, held[0].shape[2])
-            else:
-                batch_cap, length_cap = batch, length
-            held = (keys.new_empty((batch_cap, keys.shape[1], length_cap, keys.shape[-1])),
-                    values.new_empty((batch_cap, values.shape[1], length_cap, values.shape[-1])))
-            self._buffers[i] = held
-        k, v = held
-        return k[:batch, :, :length], v[:batch, :, :length]
+class WindowCaches:
+    """The ``cache`` of a batched step: row ``b`` of each layer's new key/value is written into
+    window ``b``'s own reserved cache, in place, and attention reads each window's cache as is.
+
+    Only what LlamaModel/MistralModel call on a cache when given ``position_ids`` and a ready 4D
+    mask is here: ``update``. A failed forward may have written some layers; ``rollback``
+    crops every window back to the length it had before.
+    """
+
+    def __init__(self, caches: list[Cache], lengths: list[int]) -> None:
+        self.caches = caches
+        self.lengths = lengths
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+               ) -> tuple[PerWindow, PerWindow]:
+        keys, values = [], []
+        for b, cache in enumerate(self.caches):
+            k, v = cache.layers[layer_idx].update(key_states[b : b + 1], value_states[b : b + 1])
+            keys.append(k)
+            values.append(v)
+        return PerWindow(keys), PerWindow(values)
+
+    def rollback(self) -> None:
+        for cache, length in zip(self.caches, self.lengths):
+            for layer in cache.layers:
+                extra = layer.get_seq_length() - length
+                if extra > 0:
+                    layer.crop(-extra)
+
+    @staticmethod
+    def ignored_mask(batch: int, device: torch.device) -> torch.Tensor:
+        """A 4D mask transformers passes through untouched (no mask is built from this cache);
+        :func:`window_attention` ignores it: each window attends to all of its own cache."""
+        return torch.zeros(batch, 1, 1, 1, device=device)
+
+
+ATTENTION = "pe_rank_sdpa"
+
+
+def window_attention(module: torch.nn.Module, query: torch.Tensor, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention, once per window when the keys are :class:`PerWindow`.
+
+    Everything else (prefill, single steps, training) goes to ``sdpa_attention_forward``
+    unchanged, so those paths are bit-identical to ``attn_implementation="sdpa"``. Each
+    window's attention is exactly the call a single step makes (same kernel, no mask, its own
+    keys), so a batched step differs from single steps only in the batched matrix products.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if not isinstance(key, PerWindow):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    rows = [sdpa_attention_forward(module, query[b : b + 1], k, v, None, **kwargs)[0]
+            for b, (k, v) in enumerate(zip(key.tensors, value.tensors))]
+    return torch.cat(rows), None
+
+
+def register_attention() -> str:
+    """Register :func:`window_attention` (and SDPA's mask builder) under :data:`ATTENTION`."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION, window_attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+    return ATTENTION

@@ -18,6 +18,7 @@ from .checkpoint import (
     load_into,
     read_checkpoint_info,
 )
+from .kv_cache import register_attention
 from .prompt import PromptBuilder
 from .tokenization import load_prompt_tokenizer
 
@@ -41,7 +42,7 @@ def build_llm(info: CheckpointInfo, dtype: torch.dtype) -> nn.Module:
 
     cls = MistralModel if info.llm_type == "mistral" else LlamaModel
     config = llm_config(info)
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = register_attention()  # SDPA, plus per-window attention for step_many
     return cls(config).to(dtype)
 
 

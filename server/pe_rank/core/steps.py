@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .kv_cache import BatchWorkspace, reserved_cache
+from .kv_cache import WindowCaches, reserved_cache
 
 
 class StepSession(Protocol):
@@ -51,7 +51,6 @@ class TorchStepper:
         self.placeholder_id = placeholder_id
         self.dtype = dtype
         self.device = device
-        self._workspace = BatchWorkspace()
 
     @torch.inference_mode()
     def start(self, prompt_ids: np.ndarray, passage_embeds: np.ndarray) -> tuple[WindowState, np.ndarray]:
@@ -95,22 +94,18 @@ class TorchStepper:
         """``step`` for several windows in ONE forward pass, so the weights are read once per batch.
 
         A decode step is memory-bandwidth bound (one token through every weight), so the steps
-        of concurrent windows cost little more together than one alone. The windows' KV caches
-        differ in length: they are left-padded to the longest in a batch workspace reused from
-        call to call (:class:`~pe_rank.core.kv_cache.BatchWorkspace`: zeros, then each cache
-        right-aligned, and the forward writes the new token in place), a 2D attention mask
-        hides the padding from SDPA, and each window's position id is its own length, so RoPE
-        and causality are what ``step`` gives. Padded columns get weight exactly 0 and hold
-        zeros (0 * v stays 0); left padding leaves no query row fully masked (SDPA would return
-        NaN for one). Each window's new key/value is then appended to its own cache.
+        of concurrent windows cost little more together than one alone. The windows' caches
+        differ in length and stay where they are: the linear layers run on the batch, each
+        window's new key/value is written into its own reserved cache, and attention runs per
+        window over that cache (:class:`~pe_rank.core.kv_cache.WindowCaches`,
+        :func:`~pe_rank.core.kv_cache.window_attention`); each window's position id is its own
+        length, so RoPE is what ``step`` gives. Nothing is padded or copied.
 
         One window goes through ``step`` itself, bit-identical. Batched scores differ from
-        ``step``'s only by float noise (different GEMM shapes, masked SDPA), ~1e-6 here.
-        Bad arguments raise before anything runs, and a failed forward leaves every state
-        unchanged, so a caller may retry the windows one by one.
+        ``step``'s only by float noise of the batched matrix products, ~1e-6 here.
+        Bad arguments raise before anything runs, and a failed forward is rolled back, leaving
+        every state unchanged, so a caller may retry the windows one by one.
         """
-        from transformers.cache_utils import Cache
-
         if len(states) != len(indices):
             raise ValueError(f"{len(states)} states for {len(indices)} indices")
         if len({id(state) for state in states}) != len(states):
@@ -121,21 +116,18 @@ class TorchStepper:
             return [self.step(state, index) for state, index in zip(states, indices)]
 
         lengths = [state.length for state in states]
-        longest = max(lengths)
-        layers = self._workspace.layers([state.cache for state in states], lengths)
-        # [B, longest + 1]: left padding, then each window's cache, then the new token's column
-        mask = torch.zeros(len(states), longest + 1, dtype=torch.long, device=self.device)
-        for b, length in enumerate(lengths):
-            mask[b, longest - length:] = 1
+        caches = WindowCaches([state.cache for state in states], lengths)
         inputs = torch.stack([state.embeds[index] for state, index in zip(states, indices)])[:, None]
         positions = torch.tensor(lengths, dtype=torch.long, device=self.device)[:, None]
-        hidden = self.llm(
-            inputs_embeds=inputs, attention_mask=mask, position_ids=positions, cache=Cache(layers=layers),
-            use_cache=True,
-        ).last_hidden_state
-        for b, state in enumerate(states):
-            for i, layer in enumerate(layers):
-                state.cache.update(layer.keys[b : b + 1, :, longest:], layer.values[b : b + 1, :, longest:], i)
+        try:
+            hidden = self.llm(
+                inputs_embeds=inputs, attention_mask=caches.ignored_mask(len(states), self.device),
+                position_ids=positions, cache=caches, use_cache=True,
+            ).last_hidden_state
+        except BaseException:
+            caches.rollback()
+            raise
+        for state in states:
             state.length += 1
         return [self._scores(hidden[b : b + 1], state.embeds) for b, state in enumerate(states)]
 
