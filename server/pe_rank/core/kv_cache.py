@@ -1,12 +1,14 @@
-"""KV caches for decode steps that allocate nothing per step.
+"""KV caches for decode steps that neither allocate nor copy per step.
 
 transformers' ``DynamicLayer`` appends each step's key/value with ``torch.cat``: a fresh
-tensor the size of the whole cache, every step, in every layer, and ``step_many`` used to
-zero-fill a new padded batch cache per call. Here a window's cache is reserved once for the
-window's whole decode (prompt + n passages) and written in place, and batched steps borrow
-a workspace that lives as long as the stepper. Measured on the 2-core CPU VM (demo, 8 windows
-of 20): one step 50 -> 48 ms, a batch of 8 steps 128 -> 103 ms
-(bench/results/20261125-155400-vm-steps-kv-cache.md).
+tensor the size of the whole cache, every step, in every layer. Here a window's cache is
+reserved once for the window's whole decode (prompt + n passages) and written in place.
+Batched steps (``step_many``) keep each window's cache where it is: the new keys/values go
+into each window's own buffer and attention runs per window (:class:`WindowCaches`,
+:func:`window_attention`), so windows of different lengths need no padded batch copy.
+Measured on the 2-core CPU VM (demo, windows of 20): one step 50 -> 48 ms with the reserved
+cache (bench/results/20261125-155400-vm-steps-kv-cache.md); a batch of 8 steps 93 -> 77 ms
+without the padded copy (bench/results/20261125-181849-vm-steps-window-attention.md).
 """
 from __future__ import annotations
 
