@@ -395,9 +395,23 @@ class StepBatchRecorder:
 
 
 async def llm_counts(client) -> tuple[int, int]:
-    """Triton's own statistics for pe_llm: (requests inferred, model executions)."""
-    stats = (await client.get_inference_statistics("pe_llm")).model_stats[0]
-    return stats.inference_count, stats.execution_count
+    """Triton's own statistics for pe_llm, once settled: (requests inferred, model executions).
+
+    The python backend sends a batch's responses before it reports the batch's statistics, so a
+    read right after the last response may still miss that batch: read until two reads agree.
+    """
+    async def read() -> tuple[int, int]:
+        stats = (await client.get_inference_statistics("pe_llm")).model_stats[0]
+        return stats.inference_count, stats.execution_count
+
+    counts = await read()
+    for _ in range(50):
+        await asyncio.sleep(0.1)
+        again = await read()
+        if again == counts:
+            return counts
+        counts = again
+    raise AssertionError(f"pe_llm statistics still changing after 5 s: {counts}")
 
 
 def test_concurrent_windows_rank_as_if_alone_and_share_forward_passes(tritons, conformance_models,
