@@ -105,3 +105,17 @@ def test_failed_batched_step_is_rolled_back(model, monkeypatch):
         rows = stepper.step_many(states, [pick] * len(states))
         for w, row in enumerate(rows):
             np.testing.assert_allclose(row, alone[w][step + 1], rtol=0, atol=1e-5, err_msg=f"window {w}")
+
+
+def test_windows_past_the_sliding_window_step_alone(tiny_dir):
+    """Per-window attention has no sliding-window mask, so a batch reaching Mistral's sliding
+    window must step one by one: then it equals stepping alone exactly."""
+    model = load_model(tiny_dir)
+    model.llm.config.sliding_window = 16  # shorter than every prompt here
+    stepper = stepper_for(model)
+    windows = [_window(model, n, seed) for seed, n in enumerate((6, 9))]
+    alone = [_decode(stepper, ids, embeds, [1]) for ids, embeds in windows]
+    states = [stepper.start(ids, embeds)[0] for ids, embeds in windows]
+    assert min(s.length for s in states) > 16
+    for row, want in zip(stepper.step_many(states, [1, 1]), alone):
+        np.testing.assert_array_equal(row, want[1])

@@ -101,7 +101,8 @@ class TorchStepper:
         :func:`~pe_rank.core.kv_cache.window_attention`); each window's position id is its own
         length, so RoPE is what ``step`` gives. Nothing is padded or copied.
 
-        One window goes through ``step`` itself, bit-identical. Batched scores differ from
+        One window goes through ``step`` itself, bit-identical, and so do windows that reach the
+        model's sliding window (Mistral), which per-window attention does not apply. Batched scores differ from
         ``step``'s only by float noise of the batched matrix products, ~1e-6 here.
         Bad arguments raise before anything runs, and a failed forward is rolled back, leaving
         every state unchanged, so a caller may retry the windows one by one.
@@ -112,10 +113,12 @@ class TorchStepper:
             raise ValueError("a window may take only one step per batch")
         for state, index in zip(states, indices):
             self.check_index(state, index)
-        if len(states) <= 1:
+        lengths = [state.length for state in states]
+        sliding = getattr(self.llm.config, "sliding_window", None)
+        if len(states) <= 1 or (sliding is not None and max(lengths) >= sliding):
+            # per-window attention has no sliding-window mask: windows that reach it step alone
             return [self.step(state, index) for state, index in zip(states, indices)]
 
-        lengths = [state.length for state in states]
         caches = WindowCaches([state.cache for state in states], lengths)
         inputs = torch.stack([state.embeds[index] for state, index in zip(states, indices)])[:, None]
         positions = torch.tensor(lengths, dtype=torch.long, device=self.device)[:, None]
