@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 
 class ReservedLayer(DynamicLayer):
@@ -126,8 +127,6 @@ def window_attention(module: torch.nn.Module, query: torch.Tensor, key, value, a
     window's attention is exactly the call a single step makes (same kernel, no mask, its own
     keys), so a batched step differs from single steps only in the batched matrix products.
     """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if not isinstance(key, PerWindow):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     rows = [sdpa_attention_forward(module, query[b : b + 1], k, v, None, **kwargs)[0]

@@ -102,8 +102,8 @@ class TorchStepper:
         length, so RoPE is what ``step`` gives. Nothing is padded or copied.
 
         One window goes through ``step`` itself, bit-identical, and so do windows that reach the
-        model's sliding window (Mistral), which per-window attention does not apply. Batched scores differ from
-        ``step``'s only by float noise of the batched matrix products, ~1e-6 here.
+        model's sliding window (Mistral), which per-window attention does not apply. Batched
+        scores differ from ``step``'s only by float noise of the batched matrix products, ~1e-6.
         Bad arguments raise before anything runs, and a failed forward is rolled back, leaving
         every state unchanged, so a caller may retry the windows one by one.
         """
