@@ -23,8 +23,8 @@ from pe_rank.core.checkpoint import build_projector
 from pe_rank.training.losses import decision_hidden, feature_decoder, passage_scores, query_loss, split_projector
 from pe_rank.training.adapter import attach_lora, lower_states, merge_adapter, save_adapter, top_hidden
 from pe_rank.training.cli import stages
-from pe_rank.training.tasks import (AdapterTask, AlignmentTask, RankingTask, WordsAlignmentTask, sample_window,
-                                    step_rng, teacher_order)
+from pe_rank.training.tasks import (AdapterTask, AlignmentTask, RankingTask, WordsAlignmentTask,
+                                    sample_carried_window, sample_window, step_rng, teacher_order)
 from pe_rank.training.train import freeze_all_but_projector
 
 TRAIN_DATA = Path(__file__).resolve().parents[1] / "data" / "train"
@@ -142,6 +142,49 @@ def test_windows_are_random_slices_in_shuffled_order(small_data):
     assert sorted(index) == list(range(min(index), min(index) + 8)) and index != sorted(index)
     assert a.passages == tuple(query.passages[i] for i in index)
     assert a.grades == tuple(query.grade(d) for d in a.docids)
+
+
+def test_carried_windows_hold_a_slice_and_the_teachers_best_below_it(trainable_tiny, small_data):
+    """Window at hit s (24 hits, window 8, step 4): hits [s, s+4) plus the teacher's best 4 of
+    hits s+4..23, as a sliding pass with a perfect ranker would hand it up; the bottom window
+    is hits 16..23. The teacher is recomputed here from the encoder, not taken from the cache."""
+    data = load_data(small_data)
+    cache = EmbeddingCache(trainable_tiny)
+    starts = set()
+    for step in range(40):
+        w = sample_carried_window(data.queries, cache, step_rng(0, 3, step), 8)
+        assert w == sample_carried_window(data.queries, cache, step_rng(0, 3, step), 8)  # seeded
+        q = next(q for q in data.queries if q.text == w.query)
+        index = sorted(q.docids.index(d) for d in w.docids)
+        start = index[0]
+        starts.add(start)
+        assert start in (0, 4, 8, 12, 16) and len(set(index)) == 8
+        if start == 16:
+            assert index == list(range(16, 24))
+            continue
+        encoded = trainable_tiny.encode([q.text, *q.passages[start + 4:]])
+        grades = np.array([q.grade(d) for d in q.docids[start + 4:]])
+        best = start + 4 + teacher_order(grades, encoded[1:] @ encoded[0])[:4]
+        assert index == list(range(start, start + 4)) + sorted(best.tolist())
+        assert w.grades == tuple(q.grade(d) for d in w.docids)
+    assert starts == {0, 4, 8, 12, 16}
+
+
+def test_adapter_pool_without_carried_windows_is_unchanged(trainable_tiny, small_data):
+    data = load_data(small_data)
+    cache = EmbeddingCache(trainable_tiny)
+    plain = AdapterTask(trainable_tiny, cache, data, trainable_tiny.llm, 1, pool=12, window=8)
+    rng = np.random.default_rng([0, 3])
+    assert plain.windows == [sample_window(data.queries, rng, 8) for _ in range(12)]
+    mixed = AdapterTask(trainable_tiny, cache, data, trainable_tiny.llm, 1, pool=40, window=8, carried=0.5)
+    assert 5 < sum(w not in set(plain.windows) and _is_carried(w, data) for w in mixed.windows) < 35
+
+
+def _is_carried(window, data) -> bool:
+    """Not one slice of consecutive hits: a carried window (above the bottom one)."""
+    q = next(q for q in data.queries if q.text == window.query)
+    index = sorted(q.docids.index(d) for d in window.docids)
+    return index != list(range(index[0], index[0] + len(index)))
 
 
 def test_pseudo_queries_are_seeded_spans_of_a_passage_in_their_window(small_data):

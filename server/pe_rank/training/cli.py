@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stage 3: add WEIGHT x (1 - cos(W.T h, D q)) per decision row, W the projector's last "
                         "weight and D q the query's encoder embedding decoded into the projector's features: "
                         "the encoder-cosine teacher in closed form, a dense signal per window (0: ListMLE only)")
+    p.add_argument("--carried-windows", type=float, default=0.0, metavar="SHARE",
+                   help="stage 3: draw this share (0-1) of the pool as the sliding pass meets windows: hits "
+                        "[s, s + window/2) of a real query plus the teacher's best window/2 of all hits below (0)")
     p.add_argument("--window", type=int, default=20, help="passages per stage-2 window (20)")
     p.add_argument("--pseudo-queries", type=int, default=0,
                    help="stages 2 and 3: add N pseudo-queries (word spans of training passages, cosine "
@@ -94,16 +97,17 @@ def options_from_args(args: argparse.Namespace, argv: list[str]):
         raise TrainError("--window must be at least 2")
     if min(args.save_every, args.log_every, args.target_tokens, args.adapter_rank, args.adapter_pool) < 1 \
             or args.warmup < 0 or args.pseudo_queries < 0 \
-            or args.query_loss < 0:
+            or args.query_loss < 0 or not 0 <= args.carried_windows <= 1:
         raise TrainError("--save-every, --log-every, --target-tokens, --adapter-rank and --adapter-pool "
-                         "must be positive, --warmup, --pseudo-queries and --query-loss not negative")
+                         "must be positive, --warmup, --pseudo-queries and --query-loss not negative, "
+                         "--carried-windows in [0, 1]")
     return TrainOptions(
         model=args.model, out=args.out, stages=args.stage, data=args.data,
         steps=dict(zip((1, 2, 3), args.steps)), lr=dict(zip((1, 2, 3), args.lr)),
         batch=dict(zip((1, 2, 3), args.batch)), align=args.align, adapter_layers=args.adapter_layers,
         adapter_rank=args.adapter_rank, adapter_pool=args.adapter_pool,
         window=args.window, pseudo_queries=args.pseudo_queries,
-        query_weight=args.query_loss, seed=args.seed, resume=args.resume,
+        query_weight=args.query_loss, carried=args.carried_windows, seed=args.seed, resume=args.resume,
         max_minutes=args.max_minutes,
         save_every=args.save_every, log_every=args.log_every, warmup=args.warmup,
         target_tokens=args.target_tokens, device=args.device,

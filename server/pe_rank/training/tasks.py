@@ -7,7 +7,7 @@ depends on the trainable projector only through projected embeddings.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ from torch import Tensor
 from ..core.checkpoint import WeightFiles
 from ..core.model import PeRankModel
 from ..core.prompt import PLACEHOLDER
-from .data import Query, TrainingData
+from .data import PSEUDO, Query, TrainingData
 from .embeddings import EmbeddingCache
 from .adapter import lower_states, top_hidden
 from .losses import (alignment_loss, feature_decoder, listmle, passage_scores, query_loss, ranking_loss,
@@ -143,14 +143,47 @@ class Window:
     grades: tuple[int, ...]
 
 
+def window_of(q: Query, order: Sequence[int]) -> Window:
+    """The window holding ``q``'s hits ``order``, in that order."""
+    return Window(q.text, tuple(q.docids[i] for i in order), tuple(q.passages[i] for i in order),
+                  tuple(q.grade(q.docids[i]) for i in order))
+
+
 def sample_window(queries: tuple[Query, ...], rng: np.random.Generator, size: int) -> Window:
     """A random query, a random window of ``size`` consecutive BM25 hits, shuffled."""
     q = queries[int(rng.integers(len(queries)))]
     size = min(size, len(q.passages))
     offset = int(rng.integers(len(q.passages) - size + 1))
     order = offset + rng.permutation(size)
-    return Window(q.text, tuple(q.docids[i] for i in order), tuple(q.passages[i] for i in order),
-                  tuple(q.grade(q.docids[i]) for i in order))
+    return window_of(q, order)
+
+
+def sample_carried_window(queries: tuple[Query, ...], cache: EmbeddingCache, rng: np.random.Generator,
+                          size: int) -> Window:
+    """A window as the sliding pass meets it when every window below was ranked by the teacher.
+
+    The pass walks up the BM25 list in steps of ``size // 2`` and carries each window's best
+    half up into the next. So the window starting at hit ``s`` holds hits ``[s, s + step)``
+    plus the teacher's best ``size - step`` of all hits below them (the bottom window is just
+    the last ``size`` hits). Random windows never show the model this contest among
+    already-strong passages, which decides the final top of a top-100 pass. Shuffled.
+    """
+    long = [q for q in queries if len(q.passages) > size] or list(queries)
+    q = long[int(rng.integers(len(long)))]
+    size = min(size, len(q.passages))
+    step = max(size // 2, 1)
+    starts = list(range(len(q.passages) - size, -1, -step))
+    start = starts[int(rng.integers(len(starts)))]
+    below = np.arange(start + step, len(q.passages))
+    if start + size >= len(q.passages):
+        picked = np.arange(start, len(q.passages))
+    else:
+        teacher = ranked_by_teacher(cache, q.text, [q.passages[i] for i in below],
+                                    [q.grade(q.docids[i]) for i in below])
+        best = below[teacher[: size - step]]
+        picked = np.concatenate([np.arange(start, start + step), best])
+    order = picked[rng.permutation(len(picked))]
+    return window_of(q, order)
 
 
 def teacher_order(grades: np.ndarray, cosine: np.ndarray) -> np.ndarray:
@@ -160,9 +193,13 @@ def teacher_order(grades: np.ndarray, cosine: np.ndarray) -> np.ndarray:
 
 def window_teacher(cache: EmbeddingCache, window: Window) -> np.ndarray:
     """The teacher's order of a window: qrels grade, then encoder cosine to the query."""
-    encoded = cache.get([window.query, *window.passages])
-    cosine = encoded[1:] @ encoded[0]  # embeddings are L2-normalised
-    return teacher_order(np.asarray(window.grades, dtype=np.int64), cosine)
+    return ranked_by_teacher(cache, window.query, window.passages, window.grades)
+
+
+def ranked_by_teacher(cache: EmbeddingCache, query: str, passages: Sequence[str], grades: Sequence[int]) -> np.ndarray:
+    """Indices into ``passages`` in the teacher's order (grade, then encoder cosine to ``query``)."""
+    encoded = cache.get([query, *passages])
+    return teacher_order(np.asarray(grades, dtype=np.int64), encoded[1:] @ encoded[0])  # L2-normalised
 
 
 @dataclass
@@ -212,14 +249,22 @@ class AdapterTask:
     window: int = 20
     seed: int = 0
     query_weight: float = 0.0  # weight of query_loss next to ListMLE (0: ListMLE alone)
+    carried: float = 0.0  # share of the pool drawn by sample_carried_window (real queries only)
     stage: int = 3
 
     def __post_init__(self) -> None:
         rng = np.random.default_rng([self.seed, self.stage])
-        self.windows = [sample_window(self.data.queries, rng, self.window) for _ in range(self.pool)]
+        real = tuple(q for q in self.data.queries if q.run != PSEUDO) or self.data.queries
+        self.windows = [self._draw(rng, real) for _ in range(self.pool)]
         self._states: dict[int, tuple[Tensor, Tensor, Tensor, int]] = {}
         if self.query_weight > 0:
             self._fit_query_targets()
+
+    def _draw(self, rng: np.random.Generator, real: tuple[Query, ...]) -> Window:
+        # no extra draw when carried == 0, so such pools are what they were before the option
+        if self.carried > 0 and rng.random() < self.carried:
+            return sample_carried_window(real, self.cache, rng, self.window)
+        return sample_window(self.data.queries, rng, self.window)
 
     def _fit_query_targets(self) -> None:
         """The query loss's pieces: the projector's last weight, and a decoder from its features back

@@ -44,6 +44,7 @@ class TrainOptions:
     window: int = 20
     pseudo_queries: int = 0  # stages 2 and 3: extra cosine-taught queries made from training passages
     query_weight: float = 0.0  # stage 3: weight of the query loss next to ListMLE
+    carried: float = 0.0  # stage 3: share of the pool drawn as sliding-pass (carried) windows
     seed: int = 0
     resume: bool = False
     max_minutes: float | None = None
@@ -93,7 +94,7 @@ def make_task(stage: int, model: PeRankModel, cache: EmbeddingCache, data: Train
         return AlignmentTask(model, cache, data.passages(), opts.batch[1], opts.target_tokens)
     if stage == 3:
         return AdapterTask(model, cache, data, model.llm, first_adapted_layer(model, opts), opts.batch[3],
-                           opts.adapter_pool, opts.window, opts.seed, opts.query_weight)
+                           opts.adapter_pool, opts.window, opts.seed, opts.query_weight, opts.carried)
     return RankingTask(model, cache, data, opts.batch[2], opts.window)
 
 
@@ -222,7 +223,9 @@ def _task_details(stage: int, opts: TrainOptions) -> str:
     if stage == 3:
         query = (f"; plus {opts.query_weight:g} x query loss (1 - cos(W.T h, D q) per decision row)"
                  if opts.query_weight > 0 else "")
-        return (f"{ranking}{query}; LoRA rank {opts.adapter_rank} on the top {opts.adapter_layers} LLM layers "
+        carried = (f"; {opts.carried:.0%} of the pool drawn as sliding-pass windows (hits [s, s+{opts.window // 2}) "
+                   "of a real query plus the teacher's best of all hits below)" if opts.carried > 0 else "")
+        return (f"{ranking}{query}{carried}; LoRA rank {opts.adapter_rank} on the top {opts.adapter_layers} LLM layers "
                 f"(q/k/v/o/gate/up/down), a pool of {opts.adapter_pool} windows whose lower-layer states are cached")
     if stage == 2:
         return ranking
