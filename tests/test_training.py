@@ -282,6 +282,9 @@ def test_user_mistakes_are_one_line_errors(tiny_dir, small_data, tmp_path, capsy
     assert _train(tiny_dir, tmp_path / "x", dl19) == 2
     errors = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
     assert len(errors) == 4 and "never used for training" in errors[-1]
+    assert _train(tiny_dir, tmp_path / "y", small_data, "--carried-windows", "1.5") == 2
+    assert "--carried-windows in [0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
 
 
 # ---- stage 1 "words" alignment and stage 3 (LoRA adapter on the top layers)
