@@ -119,7 +119,7 @@ def test_stage2_scores_are_the_rankers_scores(trainable_tiny, small_data):
         hidden = decision_hidden(model.llm, torch.from_numpy(np.array(ids)), torch.from_numpy(np.array(positions)),
                                  e, torch.from_numpy(teacher))
         trained = passage_scores(hidden, e).numpy()
-    stepper = TorchStepper(model.llm, model.prompts.placeholder_id, model.dtype, model.device)
+    stepper = TorchStepper(model.llm, model.prompts, model.dtype, model.device)
     state, scores = stepper.start(ids, embeds)
     decoded = [scores]
     for pick in teacher[:-1]:
@@ -380,11 +380,11 @@ def test_stage3_scores_are_the_rankers_scores_of_the_merged_model(trainable_tiny
     merged = merge_adapter(copy.deepcopy(model.llm), tmp_path / "adapter")
     window = task.windows[0]
     ids, _ = model.prompts.build(window.query, len(window.passages))
-    stepper = TorchStepper(merged, model.prompts.placeholder_id, model.dtype, model.device)
+    stepper = TorchStepper(merged, model.prompts, model.dtype, model.device)
     state, scores = stepper.start(ids, embeds.numpy())
     decoded = [scores] + [stepper.step(state, int(pick)) for pick in teacher[:-1]]
     np.testing.assert_allclose(trained, np.stack(decoded), rtol=1e-4, atol=1e-4)
-    base = TorchStepper(model.llm, model.prompts.placeholder_id, model.dtype, model.device).start(ids, embeds.numpy())[1]
+    base = TorchStepper(model.llm, model.prompts, model.dtype, model.device).start(ids, embeds.numpy())[1]
     assert not np.allclose(base, decoded[0], atol=1e-3)  # the adapter does change the scores
 
 

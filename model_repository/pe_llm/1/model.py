@@ -29,26 +29,32 @@ def _request_row(array, name):
     return array[0]
 
 
+def _parameter(config, key, default):
+    """An integer from config.pbtxt's ``parameters`` (string values, as Triton keeps them)."""
+    value = config.get("parameters", {}).get(key, {}).get("string_value", "")
+    return int(value) if value.strip() else default
+
+
 class TritonPythonModel:
     def initialize(self, args):
         import torch
 
         from pe_rank.core.checkpoint import WeightFiles, read_checkpoint_info
         from pe_rank.core.model import load_llm, torch_dtype
-        from pe_rank.core.prompt import PLACEHOLDER
+        from pe_rank.core.prompt import PromptBuilder
         from pe_rank.core.steps import TorchStepper
         from pe_rank.core.tokenization import load_prompt_tokenizer
         from pe_rank.triton.sequences import SequenceStore
 
         folder = model_dir(args)
+        config = json.loads(args["model_config"])
         meta = json.loads((folder / "pe_llm.json").read_text())
         info = read_checkpoint_info(folder / "checkpoint")
         dtype = torch_dtype(meta["dtype"])
         device = torch.device(device_of(args))
         llm = load_llm(info, WeightFiles(info.folder), dtype).to(device)
-        placeholder_id = load_prompt_tokenizer(info.folder).token_id(PLACEHOLDER)
-        self.stepper = TorchStepper(llm, placeholder_id, dtype, device)
-        config = json.loads(args["model_config"])
+        prompts = PromptBuilder(load_prompt_tokenizer(info.folder))
+        self.stepper = TorchStepper(llm, prompts, dtype, device, head_cache=_parameter(config, "head_cache", 16))
         idle_us = int(config.get("sequence_batching", {}).get("max_sequence_idle_microseconds", 60_000_000))
         self.states = SequenceStore(idle_timeout_s=idle_us / 1e6)
 

@@ -55,7 +55,7 @@ class InProcessEmbedder:
 
 
 def stepper_for(model: PeRankModel) -> TorchStepper:
-    return TorchStepper(model.llm, model.prompts.placeholder_id, model.dtype, model.device)
+    return TorchStepper(model.llm, model.prompts, model.dtype, model.device)
 
 
 def in_process_reranker(model: PeRankModel, per_window: bool = True) -> Reranker:

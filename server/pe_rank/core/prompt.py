@@ -9,6 +9,7 @@ from .tokenization import PromptTokenizer
 
 PLACEHOLDER = "<PLACEHOLDER>"
 RANK_TOKEN = "<RANK>"
+HEAD_PROBES = ("x", "how", "What", "1", "?", "[")  # queries that begin as differently as queries do
 
 
 def prompt_text(query: str, n: int) -> str:
@@ -34,6 +35,7 @@ class PromptBuilder:
         self.tokenizer = tokenizer
         self.placeholder_id = tokenizer.token_id(PLACEHOLDER)
         self._cached = lru_cache(maxsize=256)(self._build)
+        self.shared_head = lru_cache(maxsize=64)(self._shared_head)
 
     def build(self, query: str, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Return (input_ids int64 [T], placeholder positions int64 [n]); cached per (query, n)."""
@@ -51,3 +53,26 @@ class PromptBuilder:
         ids.setflags(write=False)
         positions.setflags(write=False)
         return ids, positions
+
+    def _shared_head(self, n: int) -> np.ndarray:
+        """The ids every prompt for ``n`` passages begins with, whatever the query.
+
+        Found as the common start of prompts whose queries begin differently (a lone
+        character, a word, a capital, a digit, punctuation), so it holds for any tokenizer:
+        with sentencepiece, " x" may be two pieces and " how" one. A prompt that does not
+        begin with this head (odd text) is prefilled whole; see :meth:`head_length`.
+        """
+        prompts = [self.build(query, n)[0] for query in HEAD_PROBES]
+        length = min(len(ids) for ids in prompts)
+        stacked = np.stack([ids[:length] for ids in prompts])
+        differ = np.flatnonzero((stacked != stacked[0]).any(axis=0))
+        head = stacked[0, : differ[0] if len(differ) else length].copy()
+        head.setflags(write=False)
+        return head
+
+    def head_length(self, ids: np.ndarray, n: int) -> int:
+        """How many leading ``ids`` are the shared head for ``n`` passages (0: they are not)."""
+        head = self.shared_head(n)
+        if 0 < len(head) < len(ids) and np.array_equal(ids[: len(head)], head):
+            return len(head)
+        return 0

@@ -12,7 +12,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .head_cache import HeadCache
 from .kv_cache import WindowCaches, reserved_cache
+from .prompt import PromptBuilder
 
 
 class StepSession(Protocol):
@@ -44,17 +46,25 @@ class WindowState:
 
 
 class TorchStepper:
-    """Runs the LLM: scores s_i = h . e_i from the final-norm hidden state at the last position."""
+    """Runs the LLM: scores s_i = h . e_i from the final-norm hidden state at the last position.
 
-    def __init__(self, llm: nn.Module, placeholder_id: int, dtype: torch.dtype, device: torch.device) -> None:
+    ``head_cache`` is how many prompt heads (one per window size) keep their keys/values
+    across windows and requests (:mod:`~pe_rank.core.head_cache`); 0 prefills every prompt
+    whole, as the reference implementation did.
+    """
+
+    def __init__(self, llm: nn.Module, prompts: PromptBuilder, dtype: torch.dtype, device: torch.device,
+                 head_cache: int = 16) -> None:
         self.llm = llm
-        self.placeholder_id = placeholder_id
+        self.placeholder_id = prompts.placeholder_id
         self.dtype = dtype
         self.device = device
+        self.heads = HeadCache(llm, prompts, head_cache)
 
     @torch.inference_mode()
     def start(self, prompt_ids: np.ndarray, passage_embeds: np.ndarray) -> tuple[WindowState, np.ndarray]:
-        ids = torch.tensor(np.asarray(prompt_ids, dtype=np.int64), device=self.device)
+        ids_array = np.asarray(prompt_ids, dtype=np.int64)
+        ids = torch.tensor(ids_array, device=self.device)
         embeds = torch.as_tensor(np.asarray(passage_embeds, dtype=np.float32), device=self.device).to(self.dtype)
         if ids.ndim != 1 or embeds.ndim != 2 or embeds.shape[1] != self.llm.config.hidden_size:
             raise ValueError(
@@ -70,7 +80,8 @@ class TorchStepper:
         inputs[positions] = embeds
         # room for the prompt and every passage the window can still feed: steps never reallocate
         cache = reserved_cache(self.llm.config.num_hidden_layers, len(ids) + len(embeds))
-        hidden = self.llm(inputs_embeds=inputs[None], cache=cache, use_cache=True).last_hidden_state
+        head = self.heads.fill(cache, ids_array, inputs, len(embeds))
+        hidden = self.llm(inputs_embeds=inputs[None, head:], cache=cache, use_cache=True).last_hidden_state
         state = WindowState(cache=cache, embeds=embeds, length=int(ids.shape[0]))
         return state, self._scores(hidden, embeds)
 
