@@ -15,6 +15,7 @@ LLM_MAX_BATCH = 8
 # A batch's responses go out together and its clients answer a few ms apart; waiting up to 2 ms
 # lets most of them share the next batch (measured on the demo model, 4 sequences: mean batch 4.0
 # vs 2.6 without the wait) and costs a lone sequence nothing measurable (a step is ~50-80 ms).
+LLM_HEAD_CACHE = 16
 LLM_QUEUE_DELAY_US = 2000
 
 
@@ -112,13 +113,14 @@ def embed_config() -> str:
 
 
 def llm_config(kind: str, idle_us: int = LLM_IDLE_US, max_sequences: int = 256, max_batch: int = LLM_MAX_BATCH,
-               queue_delay_us: int = LLM_QUEUE_DELAY_US) -> str:
+               queue_delay_us: int = LLM_QUEUE_DELAY_US, head_cache: int = LLM_HEAD_CACHE) -> str:
     """Sequence batcher, ``oldest``: Triton hands the model up to ``max_batch`` requests of different
     sequences at once (never two of one sequence), and pe_llm runs their CHOICE steps as one forward.
 
     Every input and output carries a leading batch dim of 1 per request. PROMPT_IDS and
     PASSAGE_EMBEDS are ragged: STARTs of different prompt lengths and window sizes (and requests
     without them) may share a batch, since the model handles each request's tensors on their own.
+    ``head_cache``: how many prompt heads keep their keys/values (pe_rank.core.head_cache).
     """
     return (
         f'name: "pe_llm"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
@@ -139,6 +141,9 @@ def llm_config(kind: str, idle_us: int = LLM_IDLE_US, max_sequences: int = 256, 
     {{ name: "CORRID" control [ {{ kind: CONTROL_SEQUENCE_CORRID data_type: TYPE_UINT64 }} ] }}
   ]
 }}
+# prompt heads (the query-independent start of a window's prompt, one per window size) whose
+# keys/values are kept across windows and requests; 0 prefills every prompt whole
+parameters {{ key: "head_cache" value: {{ string_value: "{head_cache}" }} }}
 """
         + _instance(kind)
     )
