@@ -94,3 +94,16 @@ def test_prompt_without_the_head_is_prefilled_whole(model):
     _, scores = stepper.start(other, embeds)
     assert (stepper.heads.misses, stepper.heads.hits) == (1, 0)
     np.testing.assert_array_equal(scores, _stepper(model, head_cache=0).start(other, embeds)[1])
+
+
+def test_rerank_reports_the_prompt_tokens_taken_from_the_cache(model):
+    """30 passages in windows of 20 (stride 10): two windows; the second one's head is cached."""
+    import asyncio
+
+    from pe_rank.core.inprocess import in_process_reranker
+    from pe_rank.core.types import Passage, RerankRequest
+
+    request = RerankRequest("how do fleas jump", tuple(Passage(str(i), f"passage {i} on fleas") for i in range(30)))
+    result = asyncio.run(in_process_reranker(model).rerank(request))
+    head = len(model.prompts.shared_head(20))
+    assert result.stats.windows == 2 and result.stats.cached_prompt_tokens == head

@@ -19,6 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import CONFORMANCE, case_id, conformance_cases
 from pe_rank.client import AsyncRankerClient, RankerClient
+from pe_rank.core.prompt import PromptBuilder
+from pe_rank.core.tokenization import load_prompt_tokenizer
 from pe_rank.core.types import Passage, RerankRequest
 from pe_rank.triton.embedded import TritonServer, free_port
 from pe_rank.v1 import ranker_pb2 as pb
@@ -127,6 +129,8 @@ def test_response_metadata_and_text(services, dl19):
     response = service.client.rerank(big_request(dl19, 30), timeout=60)
     m = response.metadata
     assert (m.windows, m.decode_steps) == (2, 18 + 18) and m.prompt_tokens > 0 and len(m.request_id) == 16
+    head = len(PromptBuilder(load_prompt_tokenizer(CONFORMANCE / "tiny-a")).shared_head(20))
+    assert m.cached_prompt_tokens in (head, 2 * head)  # the second window's head always comes from the cache
     assert m.timings.total_ms >= m.timings.encode_ms + m.timings.prefill_ms + m.timings.decode_ms > 0
     assert not response.ranks[0].HasField("text")
     with_text = service.client.rerank(pb.RerankRequest(query="fleas", return_text=True, top_n=2,
@@ -358,6 +362,7 @@ def test_model_info_health_reflection_and_metrics(services):
     assert 'pe_rank_requests_total{status="OK"}' in text
     assert 'pe_rank_requests_total{status="INVALID_ARGUMENT"}' in text
     assert "pe_rank_request_duration_seconds_bucket" in text and "pe_rank_requests_in_flight" in text
+    assert "pe_rank_prompt_tokens_cached_total" in text
 
 
 def test_cli_rerank_through_the_server(services, dl19, tmp_path):

@@ -229,6 +229,35 @@ def test_interleaved_sequences_score_as_if_alone(name, clients, conformance_mode
     assert llm.live() == baseline
 
 
+def test_prompt_head_comes_from_the_cache_across_sequences(clients, conformance_models, prompt_builders, dl19):
+    """CACHED_TOKENS: a START whose prompt begins with a head already prefilled (by any earlier
+    sequence with the same window size) takes those tokens from the cache; a foreign prompt none.
+    Cached or not, the scores are the same bit for bit."""
+    name = CHECKPOINTS[0]
+    model, _ = conformance_models[name]
+    client, builder = clients(name), prompt_builders[name]
+
+    def start(ids, embeds):
+        corrid = new_corrid()
+        result = client.infer("pe_llm", start_inputs(ids, embeds), sequence_id=corrid, sequence_start=True,
+                              sequence_end=True, client_timeout=60)
+        return result.as_numpy("SCORES")[0], int(result.as_numpy("CACHED_TOKENS")[0, 0])
+
+    n = 11
+    head = len(builder.shared_head(n))
+    ids_a, embeds_a = window_inputs(model, builder, dl19, query=4, n=n)
+    ids_b, embeds_b = window_inputs(model, builder, dl19, query=5, n=n)
+    first_scores, first = start(ids_a, embeds_a)
+    assert first in (0, head)  # 0 unless an earlier test already ran a window of this size
+    again_scores, again = start(ids_a, embeds_a)
+    assert again == head > 0
+    np.testing.assert_array_equal(again_scores, first_scores)
+    assert start(ids_b, embeds_b)[1] == head
+    foreign = ids_a.copy()
+    foreign[1] = (foreign[1] + 1) % model.llm.config.vocab_size
+    assert start(foreign, embeds_a)[1] == 0
+
+
 # ---- 4. state is freed on END and on idle expiry
 
 

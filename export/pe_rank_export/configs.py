@@ -127,7 +127,7 @@ def llm_config(kind: str, idle_us: int = LLM_IDLE_US, max_sequences: int = 256, 
         + _io("input", [("PROMPT_IDS", "TYPE_INT64", "-1"), ("PASSAGE_EMBEDS", "TYPE_FP32", "-1, -1"),
                         ("CHOICE", "TYPE_INT64", "1")], optional=True, ragged=("PROMPT_IDS", "PASSAGE_EMBEDS"))
         + _io("output", [("SCORES", "TYPE_FP32", "-1"), ("LIVE_SEQUENCES", "TYPE_INT64", "1"),
-                         ("STEP_BATCH", "TYPE_INT64", "1")])
+                         ("STEP_BATCH", "TYPE_INT64", "1"), ("CACHED_TOKENS", "TYPE_INT64", "1")])
         + f"""sequence_batching {{
   max_sequence_idle_microseconds: {idle_us}
   oldest {{

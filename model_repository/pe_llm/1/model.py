@@ -9,7 +9,8 @@ The sequence batcher (``oldest``) hands execute() requests of up to max_batch_si
 sequences at once. Their CHOICE steps run as ONE forward pass (TorchStepper.step_many): a
 decode step reads every weight for a single token, so a batch of steps costs little more
 than one. STARTs (prefills of different lengths) run one by one. Every response reports
-LIVE_SEQUENCES and STEP_BATCH (how many steps shared this request's forward; 0 for a START).
+LIVE_SEQUENCES, STEP_BATCH (how many steps shared this request's forward; 0 for a START) and
+CACHED_TOKENS (prompt tokens a START took from the head cache instead of prefilling; else 0).
 A request that fails (bad CHOICE, unknown sequence, bad prompt) gets its own error response;
 the others in the batch go on. The step code is pe_rank's TorchStepper, the same the
 in-process ranker runs.
@@ -60,7 +61,7 @@ class TritonPythonModel:
 
     def execute(self, requests):
         self.states.expire_idle()
-        results = [None] * len(requests)  # per request: (scores, step batch) or the exception it raised
+        results = [None] * len(requests)  # per request: (scores, step batch, cached tokens) or its exception
         steps = []  # (request position, state, passage index): the CHOICE steps to batch
         ends = []
         for k, request in enumerate(requests):
@@ -71,7 +72,7 @@ class TritonPythonModel:
                     ends.append(corrid)  # freed after the batch, whether this request succeeds or not
                 choice = input_array(pb_utils, request, "CHOICE", required=False)
                 if start or choice is None:
-                    results[k] = (self._start(request, corrid, start, choice), 0)
+                    results[k] = self._start(request, corrid, start, choice)
                 else:
                     state = self.states.get(corrid)
                     index = int(_request_row(choice, "CHOICE").reshape(-1)[0])
@@ -87,15 +88,15 @@ class TritonPythonModel:
 
     def _start(self, request, corrid, start, choice):
         if start and pb_utils.get_input_tensor_by_name(request, "PROMPT_IDS") is None and choice is None:
-            return np.zeros(0, dtype=np.float32)  # a bare START(+END): reports LIVE_SEQUENCES only
+            return np.zeros(0, dtype=np.float32), 0, 0  # a bare START(+END): reports LIVE_SEQUENCES only
         if not start:
-            return np.zeros(0, dtype=np.float32)  # e.g. a bare END
+            return np.zeros(0, dtype=np.float32), 0, 0  # e.g. a bare END
         self.states.drop(corrid)
         ids = _request_row(input_array(pb_utils, request, "PROMPT_IDS"), "PROMPT_IDS")
         embeds = _request_row(input_array(pb_utils, request, "PASSAGE_EMBEDS"), "PASSAGE_EMBEDS")
         state, scores = self.stepper.start(ids, embeds)
         self.states.put(corrid, state)
-        return scores
+        return scores, 0, state.cached_tokens
 
     def _run_steps(self, steps, results):
         """All valid CHOICE steps of this batch in one forward; should that fail, each on its own."""
@@ -107,11 +108,11 @@ class TritonPythonModel:
             rows = None
         if rows is not None:
             for (k, _, _), row in zip(steps, rows):
-                results[k] = (row, len(steps))
+                results[k] = (row, len(steps), 0)
             return
         for k, state, index in steps:
             try:
-                results[k] = (self.stepper.step(state, index), 1)
+                results[k] = (self.stepper.step(state, index), 1, 0)
             except Exception as exc:
                 results[k] = exc
 
@@ -119,11 +120,12 @@ class TritonPythonModel:
     def _response(result, live):
         if isinstance(result, Exception):
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(result).__name__}: {result}"))
-        scores, batch = result
+        scores, batch, cached = result
         return pb_utils.InferenceResponse(output_tensors=[
             pb_utils.Tensor("SCORES", np.asarray(scores, dtype=np.float32)[None]),
             pb_utils.Tensor("LIVE_SEQUENCES", live),
             pb_utils.Tensor("STEP_BATCH", np.array([[batch]], dtype=np.int64)),
+            pb_utils.Tensor("CACHED_TOKENS", np.array([[cached]], dtype=np.int64)),
         ])
 
     def finalize(self):

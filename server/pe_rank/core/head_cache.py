@@ -32,15 +32,16 @@ class HeadCache:
         self._entries: OrderedDict[bytes, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def fill(self, cache: Cache, ids: np.ndarray, inputs: torch.Tensor, n: int) -> int:
-        """Put the head of a window's prompt into its empty ``cache``; returns the head's length.
+    def fill(self, cache: Cache, ids: np.ndarray, inputs: torch.Tensor, n: int) -> tuple[int, bool]:
+        """Put the head of a window's prompt into its empty ``cache``.
 
-        ``inputs`` are the prompt's input embeddings [T, H]; 0 means the prompt has no shared
-        head (the caller then prefills it whole).
+        ``inputs`` are the prompt's input embeddings [T, H]. Returns (the head's length, whether
+        its keys/values came from the cache); length 0 means the prompt has no shared head (the
+        caller then prefills it whole).
         """
         length = self.prompts.head_length(ids, n) if self.capacity > 0 else 0
         if not length:
-            return 0
+            return 0, False
         key = ids[:length].tobytes()
         with self._lock:
             stored = self._entries.get(key)
@@ -53,7 +54,7 @@ class HeadCache:
         else:
             for layer_idx, (keys, values) in enumerate(stored):
                 cache.update(keys, values, layer_idx)
-        return length
+        return length, stored is not None
 
     def _store(self, key: bytes, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         with self._lock:

@@ -72,6 +72,7 @@ def result_to_json(result: RerankResult) -> dict[str, Any]:
         "metadata": {
             "windows": result.stats.windows,
             "prompt_tokens": result.stats.prompt_tokens,
+            "cached_prompt_tokens": result.stats.cached_prompt_tokens,
             "decode_steps": result.stats.decode_steps,
             "cache_hits": result.cache_hits,
             "encode_ms": round(t.encode_ms, 3),

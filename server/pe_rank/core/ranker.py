@@ -78,8 +78,8 @@ def _check_finite(scores: np.ndarray) -> np.ndarray:
 async def rank_window(
     backend: StepBackend, prompt_ids: np.ndarray, embeds: np.ndarray, mode: Mode, emit: int,
     timings: Timings,
-) -> tuple[list[int], int]:
-    """Greedy constrained decoding of one window; returns (local permutation, decode steps)."""
+) -> tuple[list[int], RankStats]:
+    """Greedy constrained decoding of one window; returns (local permutation, what it cost)."""
     n = len(embeds)
     session = backend.session()
     try:
@@ -87,11 +87,11 @@ async def rank_window(
         only_prefill = mode is Mode.FIRST or n <= 2 or emit <= 1
         scores = _check_finite(await session.start(prompt_ids, embeds, last=only_prefill))
         timings.prefill_ms += (time.perf_counter() - t0) * 1e3
+        cost = RankStats(prompt_tokens=len(prompt_ids), cached_prompt_tokens=session.cached_tokens)
         remaining = np.ones(n, dtype=bool)
         if mode is Mode.FIRST:
-            return _descending(scores, np.arange(n)), 0
+            return _descending(scores, np.arange(n)), cost
         order: list[int] = []
-        steps = 0
         t0 = time.perf_counter()
         while True:
             pick = int(np.argmax(np.where(remaining, scores, -np.inf)))
@@ -102,9 +102,9 @@ async def rank_window(
                 break
             last = len(left) <= 2 or len(order) + 1 >= emit  # the pick after this step ends the window
             scores = _check_finite(await session.step(pick, last=last))
-            steps += 1
+            cost.decode_steps += 1
         timings.decode_ms += (time.perf_counter() - t0) * 1e3
-        return order + _descending(scores, left), steps
+        return order + _descending(scores, left), cost
     finally:
         await session.end()
 
@@ -126,6 +126,7 @@ async def slide(n: int, options: RankOptions, rank_one: WindowRanker) -> tuple[l
         order[start:end] = [window[i] for i in local]
         stats.windows += 1
         stats.prompt_tokens += cost.prompt_tokens
+        stats.cached_prompt_tokens += cost.cached_prompt_tokens
         stats.decode_steps += cost.decode_steps
     return order, stats
 
@@ -142,7 +143,6 @@ async def rank_passages(
         t0 = time.perf_counter()
         embeds = await source.window(window)
         timings.encode_ms += (time.perf_counter() - t0) * 1e3
-        local, steps = await rank_window(backend, prompt_ids, embeds, options.mode, emit, timings)
-        return local, RankStats(prompt_tokens=len(prompt_ids), decode_steps=steps)
+        return await rank_window(backend, prompt_ids, embeds, options.mode, emit, timings)
 
     return await slide(n, options, rank_one)

@@ -25,6 +25,8 @@ class StepSession(Protocol):
     always called and must then be a no-op.
     """
 
+    cached_tokens: int  # prompt tokens the last ``start`` took from the head cache instead of prefilling
+
     async def start(self, prompt_ids: np.ndarray, passage_embeds: np.ndarray, last: bool = False) -> np.ndarray: ...
 
     async def step(self, index: int, last: bool = False) -> np.ndarray: ...
@@ -43,6 +45,7 @@ class WindowState:
     cache: object
     embeds: torch.Tensor
     length: int
+    cached_tokens: int = 0  # prompt tokens whose keys/values came from the head cache
 
 
 class TorchStepper:
@@ -80,9 +83,10 @@ class TorchStepper:
         inputs[positions] = embeds
         # room for the prompt and every passage the window can still feed: steps never reallocate
         cache = reserved_cache(self.llm.config.num_hidden_layers, len(ids) + len(embeds))
-        head = self.heads.fill(cache, ids_array, inputs, len(embeds))
+        head, from_cache = self.heads.fill(cache, ids_array, inputs, len(embeds))
         hidden = self.llm(inputs_embeds=inputs[None, head:], cache=cache, use_cache=True).last_hidden_state
-        state = WindowState(cache=cache, embeds=embeds, length=int(ids.shape[0]))
+        state = WindowState(cache=cache, embeds=embeds, length=int(ids.shape[0]),
+                            cached_tokens=head if from_cache else 0)
         return state, self._scores(hidden, embeds)
 
     @staticmethod
@@ -156,9 +160,11 @@ class InProcessSession:
     def __init__(self, stepper: TorchStepper) -> None:
         self._stepper = stepper
         self._state: WindowState | None = None
+        self.cached_tokens = 0
 
     async def start(self, prompt_ids: np.ndarray, passage_embeds: np.ndarray, last: bool = False) -> np.ndarray:
         self._state, scores = self._stepper.start(prompt_ids, passage_embeds)
+        self.cached_tokens = self._state.cached_tokens
         return scores
 
     async def step(self, index: int, last: bool = False) -> np.ndarray:

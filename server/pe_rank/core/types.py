@@ -44,6 +44,7 @@ class RankOptions:
 class RankStats:
     windows: int = 0
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # of prompt_tokens, taken from the prompt-head cache, not prefilled
     decode_steps: int = 0
 
 

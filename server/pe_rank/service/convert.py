@@ -54,6 +54,7 @@ def response_to_proto(result: RerankResult, request_id: str) -> pb.RerankRespons
     t = result.timings
     response = pb.RerankResponse(metadata=pb.RerankMetadata(
         windows=result.stats.windows, prompt_tokens=result.stats.prompt_tokens,
+        cached_prompt_tokens=result.stats.cached_prompt_tokens,
         decode_steps=result.stats.decode_steps, cache_hits=result.cache_hits, request_id=request_id,
         timings=pb.StageTimings(queue_ms=t.queue_ms, encode_ms=t.encode_ms, prefill_ms=t.prefill_ms,
                                 decode_ms=t.decode_ms, total_ms=t.total_ms),
@@ -77,7 +78,8 @@ def response_to_json(response: pb.RerankResponse) -> dict:
     return {
         "ranking": ranking,
         "metadata": {
-            "windows": m.windows, "prompt_tokens": m.prompt_tokens, "decode_steps": m.decode_steps,
+            "windows": m.windows, "prompt_tokens": m.prompt_tokens,
+            "cached_prompt_tokens": m.cached_prompt_tokens, "decode_steps": m.decode_steps,
             "cache_hits": m.cache_hits, "encode_ms": round(t.encode_ms, 3),
             "rank_ms": round(t.prefill_ms + t.decode_ms, 3), "prefill_ms": round(t.prefill_ms, 3),
             "decode_ms": round(t.decode_ms, 3), "queue_ms": round(t.queue_ms, 3),

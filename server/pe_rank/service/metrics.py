@@ -16,7 +16,9 @@ class Metrics:
                                  buckets=_BUCKETS, registry=r)
         self.passages = Counter("pe_rank_passages", "Passages received in Rerank requests", registry=r)
         self.decode_steps = Counter("pe_rank_decode_steps", "LLM decode steps run", registry=r)
-        self.prompt_tokens = Counter("pe_rank_prompt_tokens", "Prompt tokens prefilled", registry=r)
+        self.prompt_tokens = Counter("pe_rank_prompt_tokens", "Prompt tokens of the ranking windows", registry=r)
+        self.cached_prompt_tokens = Counter("pe_rank_prompt_tokens_cached",
+                                            "Prompt tokens taken from the prompt-head cache, not prefilled", registry=r)
         self.windows = Counter("pe_rank_windows", "Ranking windows run", registry=r)
         self.cache_hits = Counter("pe_rank_embedding_cache_hits", "Passages embedded from the cache", registry=r)
         self.in_flight = Gauge("pe_rank_requests_in_flight", "Rerank requests being served", registry=r)
@@ -27,5 +29,6 @@ class Metrics:
             self.latency.labels(stage).observe(ms / 1e3)
         self.decode_steps.inc(result.stats.decode_steps)
         self.prompt_tokens.inc(result.stats.prompt_tokens)
+        self.cached_prompt_tokens.inc(result.stats.cached_prompt_tokens)
         self.windows.inc(result.stats.windows)
         self.cache_hits.inc(result.cache_hits)

@@ -41,25 +41,27 @@ class TritonSession:
         self.corrid = corrid
         self.timeout_s = timeout_s
         self.open = False  # Triton holds a sequence that still needs an END
+        self.cached_tokens = 0
 
-    async def _infer(self, inputs: list, start: bool = False, end: bool = False) -> np.ndarray:
-        result = await self.client.infer(
+    async def _infer(self, inputs: list, start: bool = False, end: bool = False):
+        return await self.client.infer(
             LLM_MODEL, inputs, sequence_id=self.corrid, sequence_start=start, sequence_end=end,
             client_timeout=self.timeout_s,
         )
-        return result.as_numpy("SCORES")[0]
 
     async def start(self, prompt_ids: np.ndarray, passage_embeds: np.ndarray, last: bool = False) -> np.ndarray:
         self.open = not last
-        return await self._infer([
+        result = await self._infer([
             _tensor("PROMPT_IDS", np.ascontiguousarray(prompt_ids, dtype=np.int64)[None], "INT64"),
             _tensor("PASSAGE_EMBEDS", np.ascontiguousarray(passage_embeds, dtype=np.float32)[None], "FP32"),
         ], start=True, end=last)
+        self.cached_tokens = int(result.as_numpy("CACHED_TOKENS")[0, 0])
+        return result.as_numpy("SCORES")[0]
 
     async def step(self, index: int, last: bool = False) -> np.ndarray:
-        scores = await self._infer([_tensor("CHOICE", np.array([[index]], dtype=np.int64), "INT64")], end=last)
+        result = await self._infer([_tensor("CHOICE", np.array([[index]], dtype=np.int64), "INT64")], end=last)
         self.open = not last
-        return scores
+        return result.as_numpy("SCORES")[0]
 
     async def end(self) -> None:
         """Free the sequence unless the last call already did; shielded from cancellation, errors swallowed."""
