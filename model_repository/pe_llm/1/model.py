@@ -20,7 +20,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from pe_rank.triton.backend_utils import device_of, input_array, model_dir
+from pe_rank.triton.backend_utils import device_of, input_array, model_dir, parameters
 
 
 def _request_row(array, name):
@@ -28,12 +28,6 @@ def _request_row(array, name):
     if array.ndim == 0 or array.shape[0] != 1:
         raise ValueError(f"{name}: one window per request (batch dim 1), got shape {list(array.shape)}")
     return array[0]
-
-
-def _parameter(config, key, default):
-    """An integer from config.pbtxt's ``parameters`` (string values, as Triton keeps them)."""
-    value = config.get("parameters", {}).get(key, {}).get("string_value", "")
-    return int(value) if value.strip() else default
 
 
 class TritonPythonModel:
@@ -48,14 +42,14 @@ class TritonPythonModel:
         from pe_rank.triton.sequences import SequenceStore
 
         folder = model_dir(args)
-        config = json.loads(args["model_config"])
         meta = json.loads((folder / "pe_llm.json").read_text())
         info = read_checkpoint_info(folder / "checkpoint")
         dtype = torch_dtype(meta["dtype"])
         device = torch.device(device_of(args))
         llm = load_llm(info, WeightFiles(info.folder), dtype).to(device)
         prompts = PromptBuilder(load_prompt_tokenizer(info.folder))
-        self.stepper = TorchStepper(llm, prompts, dtype, device, head_cache=_parameter(config, "head_cache", 16))
+        self.stepper = TorchStepper(llm, prompts, dtype, device, head_cache=int(parameters(args).get("head_cache", 16)))
+        config = json.loads(args["model_config"])
         idle_us = int(config.get("sequence_batching", {}).get("max_sequence_idle_microseconds", 60_000_000))
         self.states = SequenceStore(idle_timeout_s=idle_us / 1e6)
 
