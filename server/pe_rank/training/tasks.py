@@ -174,10 +174,10 @@ def sample_carried_window(queries: tuple[Query, ...], cache: EmbeddingCache, rng
     step = max(size // 2, 1)
     starts = list(range(len(q.passages) - size, -1, -step))
     start = starts[int(rng.integers(len(starts)))]
-    below = np.arange(start + step, len(q.passages))
     if start + size >= len(q.passages):
         picked = np.arange(start, len(q.passages))
     else:
+        below = np.arange(start + step, len(q.passages))
         teacher = ranked_by_teacher(cache, q.text, [q.passages[i] for i in below],
                                     [q.grade(q.docids[i]) for i in below])
         best = below[teacher[: size - step]]
