@@ -67,9 +67,6 @@ def conformance_models():
 
 # ---- real Triton servers on exported tiny repositories (shared by the Triton and server tests)
 
-SEQUENCE_IDLE_S = 4.0
-
-
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory):
     """exported(name, target) -> repository path; conformance checkpoints or 'tiny'."""
@@ -81,7 +78,7 @@ def exported(tmp_path_factory):
         if (name, target) not in made:
             repo = tmp_path_factory.mktemp(f"repo-{name}-{target}")
             export_repository(CONFORMANCE / name, repo,
-                              ExportOptions(target=target, gpu=False, llm_idle_us=int(SEQUENCE_IDLE_S * 1e6)),
+                              ExportOptions(target=target, gpu=False),
                               log=lambda *_: None)
             made[(name, target)] = repo
         return made[(name, target)]

@@ -20,15 +20,12 @@ def cli_main(argv: list[str]) -> int:
     parser.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
     parser.add_argument("--max-batch", type=int, default=MAX_BATCH)
     parser.add_argument("--cpu", action="store_true", help="KIND_CPU instances even when a GPU is visible")
-    parser.add_argument("--sequence-idle-seconds", type=float, default=60.0,
-                        help="pe_llm frees a window's state after this long without a request")
     args = parser.parse_args(argv)
     from pe_rank.cli import UserError
 
     try:
         export_repository(args.model, args.repository,
-                          ExportOptions(args.target, args.dtype, args.max_batch, gpu=False if args.cpu else None,
-                                        llm_idle_us=int(args.sequence_idle_seconds * 1e6)))
+                          ExportOptions(args.target, args.dtype, args.max_batch, gpu=False if args.cpu else None))
     except ExportError as exc:
         raise UserError(str(exc)) from None
     return 0

@@ -8,27 +8,20 @@ from __future__ import annotations
 
 TARGETS = ("torch", "python", "onnxruntime", "tensorrt")
 MAX_BATCH = 128  # >= the service's largest window (100): a window is one pe_embed request
-LLM_IDLE_US = 60_000_000
-# pe_llm batches the CHOICE steps of up to this many sequences into one forward pass. A decode
-# step reads every weight for one token, so on a memory-bound device B steps cost little more than one.
-LLM_MAX_BATCH = 8
-# A batch's responses go out together and its clients answer a few ms apart; waiting up to 2 ms
-# lets most of them share the next batch (measured on the demo model, 4 sequences: mean batch 4.0
-# vs 2.6 without the wait) and costs a lone sequence nothing measurable (a step is ~50-80 ms).
 LLM_HEAD_CACHE = 16
-LLM_QUEUE_DELAY_US = 2000
+# windows decoded at once by pe_llm's engine (its batch slots); more wait for a free slot
+LLM_MAX_LIVE_WINDOWS = 64
 
 
 def _instance(kind: str) -> str:
     return f'instance_group [ {{ count: 1 kind: {kind} }} ]\n'
 
 
-def _io(kind: str, tensors: list[tuple[str, str, str]], optional: bool = False, ragged: tuple[str, ...] = ()) -> str:
-    """``ragged`` inputs may differ in shape between the requests of one batch (allow_ragged_batch)."""
+def _io(kind: str, tensors: list[tuple[str, str, str]], optional: tuple[str, ...] = ()) -> str:
+    """``optional``: the names of inputs a request may leave out."""
     items = []
     for name, dtype, dims in tensors:
-        opt = " optional: true" if optional else ""
-        opt += " allow_ragged_batch: true" if name in ragged else ""
+        opt = " optional: true" if name in optional else ""
         items.append(f'  {{ name: "{name}" data_type: {dtype} dims: [ {dims} ]{opt} }}')
     return f"{kind} [\n" + ",\n".join(items) + "\n]\n"
 
@@ -112,44 +105,43 @@ def embed_config() -> str:
     )
 
 
-def llm_config(kind: str, idle_us: int = LLM_IDLE_US, max_sequences: int = 256, max_batch: int = LLM_MAX_BATCH,
-               queue_delay_us: int = LLM_QUEUE_DELAY_US, head_cache: int = LLM_HEAD_CACHE) -> str:
-    """Sequence batcher, ``oldest``: Triton hands the model up to ``max_batch`` requests of different
-    sequences at once (never two of one sequence), and pe_llm runs their CHOICE steps as one forward.
-
-    Every input and output carries a leading batch dim of 1 per request. PROMPT_IDS and
-    PASSAGE_EMBEDS are ragged: STARTs of different prompt lengths and window sizes (and requests
-    without them) may share a batch, since the model handles each request's tensors on their own.
-    ``head_cache``: how many prompt heads keep their keys/values (pe_rank.core.head_cache).
+def llm_config(kind: str, head_cache: int = LLM_HEAD_CACHE, max_live: int = LLM_MAX_LIVE_WINDOWS) -> str:
+    """One whole window per request, no batch dimension, no scheduler batching: the model's own
+    engine batches the decode steps of every live window (pe_rank.core.engine), so Triton only
+    has to hand requests over as they come. ``head_cache``: how many prompt heads keep their
+    keys/values (pe_rank.core.head_cache); ``max_live``: the engine's batch slots.
     """
     return (
-        f'name: "pe_llm"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
+        'name: "pe_llm"\nbackend: "python"\nmax_batch_size: 0\n'
         + _io("input", [("PROMPT_IDS", "TYPE_INT64", "-1"), ("PASSAGE_EMBEDS", "TYPE_FP32", "-1, -1"),
-                        ("CHOICE", "TYPE_INT64", "1")], optional=True, ragged=("PROMPT_IDS", "PASSAGE_EMBEDS"))
-        + _io("output", [("SCORES", "TYPE_FP32", "-1"), ("LIVE_SEQUENCES", "TYPE_INT64", "1"),
-                         ("STEP_BATCH", "TYPE_INT64", "1"), ("CACHED_TOKENS", "TYPE_INT64", "1")])
-        + f"""sequence_batching {{
-  max_sequence_idle_microseconds: {idle_us}
-  oldest {{
-    max_candidate_sequences: {max_sequences}
-    preferred_batch_size: [ {max_batch} ]
-    max_queue_delay_microseconds: {queue_delay_us}
-  }}
-  control_input [
-    {{ name: "START" control [ {{ kind: CONTROL_SEQUENCE_START int32_false_true: [ 0, 1 ] }} ] }},
-    {{ name: "END" control [ {{ kind: CONTROL_SEQUENCE_END int32_false_true: [ 0, 1 ] }} ] }},
-    {{ name: "CORRID" control [ {{ kind: CONTROL_SEQUENCE_CORRID data_type: TYPE_UINT64 }} ] }}
-  ]
-}}
-# prompt heads (the query-independent start of a window's prompt, one per window size) whose
+                        ("EMIT", "TYPE_INT32", "1"), ("MODE", "TYPE_STRING", "1")], optional=("EMIT", "MODE"))
+        + _io("output", [("ORDER", "TYPE_INT64", "-1"), ("DECODE_STEPS", "TYPE_INT64", "1"),
+                         ("CACHED_TOKENS", "TYPE_INT64", "1"), ("PREFILL_MS", "TYPE_FP32", "1"),
+                         ("DECODE_MS", "TYPE_FP32", "1")])
+        + f"""# prompt heads (the query-independent start of a window's prompt, one per window size) whose
 # keys/values are kept across windows and requests; 0 prefills every prompt whole
 parameters {{ key: "head_cache" value: {{ string_value: "{head_cache}" }} }}
+# windows the engine decodes at once (its batch slots); later ones wait for a free slot
+parameters {{ key: "max_live_windows" value: {{ string_value: "{max_live}" }} }}
 """
         + _instance(kind)
     )
 
 
-def all_configs(target: str, gpu: bool, max_batch: int = MAX_BATCH, idle_us: int = LLM_IDLE_US) -> dict[str, str]:
+def rank_config() -> str:
+    """pe_rank: a whole request as one call; its BLS calls to pe_embed and pe_llm do the work."""
+    return (
+        'name: "pe_rank"\nbackend: "python"\nmax_batch_size: 0\n'
+        + _io("input", [("QUERY", "TYPE_STRING", "1"), ("PASSAGES", "TYPE_STRING", "-1"),
+                        ("WINDOW_SIZE", "TYPE_INT32", "1"), ("STRIDE", "TYPE_INT32", "1"),
+                        ("TOP_N", "TYPE_INT32", "1"), ("MODE", "TYPE_STRING", "1")],
+                        optional=("WINDOW_SIZE", "STRIDE", "TOP_N", "MODE"))
+        + _io("output", [("ORDER", "TYPE_INT64", "-1")])
+        + _instance("KIND_CPU")
+    )
+
+
+def all_configs(target: str, gpu: bool, max_batch: int = MAX_BATCH) -> dict[str, str]:
     """Model name -> config.pbtxt text."""
     kind = "KIND_GPU" if gpu else "KIND_CPU"
     return {
@@ -157,5 +149,6 @@ def all_configs(target: str, gpu: bool, max_batch: int = MAX_BATCH, idle_us: int
         "pe_encoder": encoder_config(target, kind, max_batch),
         "pe_projector": projector_config(target, kind, max_batch),
         "pe_embed": embed_config(),
-        "pe_llm": llm_config(kind, idle_us),
+        "pe_llm": llm_config(kind),
+        "pe_rank": rank_config(),
     }

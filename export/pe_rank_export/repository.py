@@ -12,7 +12,7 @@ from pe_rank.core.model import PeRankModel, load_model
 from . import configs
 from .onnx_export import FP16_TOLERANCE, FP32_TOLERANCE, ExportError, check_onnx, export_encoder, export_projector
 
-PYTHON_MODELS = ("pe_tokenizer", "pe_encoder", "pe_projector", "pe_llm")
+PYTHON_MODELS = ("pe_tokenizer", "pe_encoder", "pe_projector", "pe_llm", "pe_rank")
 SOURCE_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 
 
@@ -22,7 +22,6 @@ class ExportOptions:
     dtype: str = "fp32"
     max_batch: int = configs.MAX_BATCH
     gpu: bool | None = None  # None: use a GPU when one is visible
-    llm_idle_us: int = configs.LLM_IDLE_US
 
 
 def export_repository(checkpoint: Path, repository: Path, options: ExportOptions, log=print) -> dict:
@@ -38,7 +37,7 @@ def export_repository(checkpoint: Path, repository: Path, options: ExportOptions
         require_tensorrt()
     model = load_model(checkpoint, dtype="float32")
     repository.mkdir(parents=True, exist_ok=True)
-    for name, text in configs.all_configs(options.target, gpu, options.max_batch, options.llm_idle_us).items():
+    for name, text in configs.all_configs(options.target, gpu, options.max_batch).items():
         version = repository / name / "1"
         version.mkdir(parents=True, exist_ok=True)
         (repository / name / "config.pbtxt").write_text(text)
@@ -59,7 +58,7 @@ def _gpu_visible() -> bool:
 def _copy_model_code(repository: Path, target: str) -> None:
     if not SOURCE_REPOSITORY.is_dir():
         raise ExportError(f"{SOURCE_REPOSITORY}: model sources not found (install the project from its repository)")
-    python_models = PYTHON_MODELS if target in ("torch", "python") else ("pe_tokenizer", "pe_llm")
+    python_models = PYTHON_MODELS if target in ("torch", "python") else ("pe_tokenizer", "pe_llm", "pe_rank")
     for name in python_models:
         src = SOURCE_REPOSITORY / name / "1" / "model.py"
         dst = repository / name / "1" / "model.py"

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from pe_rank.triton.backend_utils import device_of, input_array, model_dir, onnx_session, parameters, respond_each
+from pe_rank.triton_backend.utils import device_of, input_array, model_dir, onnx_session, parameters, respond_each
 
 
 class TritonPythonModel:

@@ -1,33 +1,25 @@
-"""pe_llm: the LLM decode steps of PE-Rank, one Triton sequence per window.
+"""pe_llm: one whole PE-Rank window per request, decoded by an in-flight batching engine.
 
-START carries PROMPT_IDS [T] and the window's PASSAGE_EMBEDS [n, H] and returns SCORES [n]
-at the last prompt position; each later request carries CHOICE (the emitted passage's
-index), feeds its embedding through the KV cache and returns the next SCORES; END frees
-the state. Every tensor has a leading batch dim of 1 per request (max_batch_size > 0).
+A request carries PROMPT_IDS [T], the window's PASSAGE_EMBEDS [n, H], optionally EMIT (how
+many passages decoding must emit; the rest is ordered by the last scores) and MODE (full or
+first). The response carries ORDER [n] (the window's local permutation, best first) and its
+costs: DECODE_STEPS, CACHED_TOKENS (prompt tokens from the head cache), PREFILL_MS, DECODE_MS.
 
-The sequence batcher (``oldest``) hands execute() requests of up to max_batch_size different
-sequences at once. Their CHOICE steps run as ONE forward pass (TorchStepper.step_many): a
-decode step reads every weight for a single token, so a batch of steps costs little more
-than one. STARTs (prefills of different lengths) run one by one. Every response reports
-LIVE_SEQUENCES, STEP_BATCH (how many steps shared this request's forward; 0 for a START) and
-CACHED_TOKENS (prompt tokens a START took from the head cache instead of prefilling; else 0).
-A request that fails (bad CHOICE, unknown sequence, bad prompt) gets its own error response;
-the others in the batch go on. The step code is pe_rank's TorchStepper, the same the
-in-process ranker runs.
+execute() hands each request to the engine (pe_rank.core.engine.DecodeEngine) and returns at
+once; the engine thread prefills new windows as they arrive, advances every live window by
+one decode step in ONE batched forward, and answers each window through its response sender
+the moment it is decided. Nothing outlives a request: a cancelled request (client gone or
+deadline passed) is dropped before its next step, its KV cache freed. Live windows, step batch
+sizes, decode steps and cached prompt tokens are Triton custom metrics on Triton's /metrics.
 """
 import json
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from pe_rank.triton.backend_utils import device_of, input_array, model_dir, parameters
+from pe_rank.triton_backend.utils import device_of, input_array, model_dir, parameters
 
-
-def _request_row(array, name):
-    """The request's one window: its tensors carry a batch dim of exactly 1."""
-    if array.ndim == 0 or array.shape[0] != 1:
-        raise ValueError(f"{name}: one window per request (batch dim 1), got shape {list(array.shape)}")
-    return array[0]
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
 class TritonPythonModel:
@@ -35,11 +27,12 @@ class TritonPythonModel:
         import torch
 
         from pe_rank.core.checkpoint import WeightFiles, read_checkpoint_info
+        from pe_rank.core.engine import DecodeEngine
         from pe_rank.core.model import load_llm, torch_dtype
         from pe_rank.core.prompt import PromptBuilder
         from pe_rank.core.steps import TorchStepper
         from pe_rank.core.tokenization import load_prompt_tokenizer
-        from pe_rank.triton.sequences import SequenceStore
+        from pe_rank.triton_backend.engine_metrics import TritonEngineMetrics
 
         folder = model_dir(args)
         meta = json.loads((folder / "pe_llm.json").read_text())
@@ -48,79 +41,61 @@ class TritonPythonModel:
         device = torch.device(device_of(args))
         llm = load_llm(info, WeightFiles(info.folder), dtype).to(device)
         prompts = PromptBuilder(load_prompt_tokenizer(info.folder))
-        self.stepper = TorchStepper(llm, prompts, dtype, device, head_cache=int(parameters(args).get("head_cache", 16)))
-        config = json.loads(args["model_config"])
-        idle_us = int(config.get("sequence_batching", {}).get("max_sequence_idle_microseconds", 60_000_000))
-        self.states = SequenceStore(idle_timeout_s=idle_us / 1e6)
+        params = parameters(args)
+        stepper = TorchStepper(llm, prompts, dtype, device, head_cache=int(params.get("head_cache", 16)))
+        self.metrics = TritonEngineMetrics(pb_utils, args["model_name"])
+        self.engine = DecodeEngine(stepper, max_live=int(params.get("max_live_windows", 64)), observer=self.metrics)
 
     def execute(self, requests):
-        self.states.expire_idle()
-        results = [None] * len(requests)  # per request: (scores, step batch, cached tokens) or its exception
-        steps = []  # (request position, state, passage index): the CHOICE steps to batch
-        ends = []
-        for k, request in enumerate(requests):
+        for request in requests:
+            sender = request.get_response_sender()
             try:
-                corrid = int(input_array(pb_utils, request, "CORRID").reshape(-1)[0])
-                start = bool(input_array(pb_utils, request, "START").reshape(-1)[0])
-                if bool(input_array(pb_utils, request, "END").reshape(-1)[0]):
-                    ends.append(corrid)  # freed after the batch, whether this request succeeds or not
-                choice = input_array(pb_utils, request, "CHOICE", required=False)
-                if start or choice is None:
-                    results[k] = self._start(request, corrid, start, choice)
-                else:
-                    state = self.states.get(corrid)
-                    index = int(_request_row(choice, "CHOICE").reshape(-1)[0])
-                    self.stepper.check_index(state, index)
-                    steps.append((k, state, index))
-            except Exception as exc:  # this request's error only; the others go on
-                results[k] = exc
-        self._run_steps(steps, results)
-        for corrid in ends:
-            self.states.drop(corrid)
-        live = np.array([[len(self.states)]], dtype=np.int64)
-        return [self._response(result, live) for result in results]
-
-    def _start(self, request, corrid, start, choice):
-        if start and pb_utils.get_input_tensor_by_name(request, "PROMPT_IDS") is None and choice is None:
-            return np.zeros(0, dtype=np.float32), 0, 0  # a bare START(+END): reports LIVE_SEQUENCES only
-        if not start:
-            return np.zeros(0, dtype=np.float32), 0, 0  # e.g. a bare END
-        self.states.drop(corrid)
-        ids = _request_row(input_array(pb_utils, request, "PROMPT_IDS"), "PROMPT_IDS")
-        embeds = _request_row(input_array(pb_utils, request, "PASSAGE_EMBEDS"), "PASSAGE_EMBEDS")
-        state, scores = self.stepper.start(ids, embeds)
-        self.states.put(corrid, state)
-        return scores, 0, state.cached_tokens
-
-    def _run_steps(self, steps, results):
-        """All valid CHOICE steps of this batch in one forward; should that fail, each on its own."""
-        if not steps:
-            return
-        try:
-            rows = self.stepper.step_many([state for _, state, _ in steps], [index for _, _, index in steps])
-        except Exception:  # step_many leaves every state untouched when it raises
-            rows = None
-        if rows is not None:
-            for (k, _, _), row in zip(steps, rows):
-                results[k] = (row, len(steps), 0)
-            return
-        for k, state, index in steps:
-            try:
-                results[k] = (self.stepper.step(state, index), 1, 0)
-            except Exception as exc:
-                results[k] = exc
+                job = self._job(request)
+            except Exception as exc:  # this request's error only
+                sender.send(_error(exc), flags=FINAL)
+                continue
+            self.engine.submit(job, lambda result, sender=sender: sender.send(_response(result), flags=FINAL),
+                               sender.is_cancelled)
+        return None  # every response goes through its sender, from the engine thread
 
     @staticmethod
-    def _response(result, live):
-        if isinstance(result, Exception):
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(result).__name__}: {result}"))
-        scores, batch, cached = result
-        return pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor("SCORES", np.asarray(scores, dtype=np.float32)[None]),
-            pb_utils.Tensor("LIVE_SEQUENCES", live),
-            pb_utils.Tensor("STEP_BATCH", np.array([[batch]], dtype=np.int64)),
-            pb_utils.Tensor("CACHED_TOKENS", np.array([[cached]], dtype=np.int64)),
-        ])
+    def _job(request):
+        from pe_rank.core.ranker import WindowJob
+        from pe_rank.core.types import Mode
+
+        emit = input_array(pb_utils, request, "EMIT", required=False)
+        mode = input_array(pb_utils, request, "MODE", required=False)
+        mode_name = "full" if mode is None else _text(mode.reshape(-1)[0])
+        if mode_name not in ("full", "first"):
+            raise ValueError(f"MODE must be full or first, got {mode_name!r}")
+        return WindowJob(prompt_ids=input_array(pb_utils, request, "PROMPT_IDS"),
+                         embeds=input_array(pb_utils, request, "PASSAGE_EMBEDS"), mode=Mode(mode_name),
+                         emit=0 if emit is None else int(emit.reshape(-1)[0]))
 
     def finalize(self):
-        self.states.close()
+        self.engine.close()
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _error(exc):
+    from pe_rank.core.engine import WindowCancelled
+
+    code = pb_utils.TritonError.CANCELLED if isinstance(exc, WindowCancelled) else pb_utils.TritonError.INVALID_ARG
+    if isinstance(exc, (ValueError, WindowCancelled)):
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(exc).__name__}: {exc}", code))
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(exc).__name__}: {exc}"))
+
+
+def _response(result):
+    if isinstance(result, BaseException):
+        return _error(result)
+    return pb_utils.InferenceResponse(output_tensors=[
+        pb_utils.Tensor("ORDER", np.asarray(result.order, dtype=np.int64)),
+        pb_utils.Tensor("DECODE_STEPS", np.array([result.decode_steps], dtype=np.int64)),
+        pb_utils.Tensor("CACHED_TOKENS", np.array([result.cached_tokens], dtype=np.int64)),
+        pb_utils.Tensor("PREFILL_MS", np.array([result.prefill_ms], dtype=np.float32)),
+        pb_utils.Tensor("DECODE_MS", np.array([result.decode_ms], dtype=np.float32)),
+    ])

@@ -1,4 +1,4 @@
-"""The in-process PyTorch backend: encoder, projector and LLM steps in this process."""
+"""The in-process PyTorch backend: encoder, projector and the decode engine in this process."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +9,8 @@ import numpy as np
 from .model import PeRankModel, load_model
 from .ranker import MatrixSource, WindowSource
 from .reranker import Reranker
-from .steps import InProcessBackend, TorchStepper
+from .engine import DecodeEngine, EngineBackend
+from .steps import TorchStepper
 from .types import Passage
 
 
@@ -58,8 +59,15 @@ def stepper_for(model: PeRankModel) -> TorchStepper:
     return TorchStepper(model.llm, model.prompts, model.dtype, model.device)
 
 
+def engine_for(model: PeRankModel) -> DecodeEngine:
+    """One engine per model: concurrent in-process requests share its batched decode steps."""
+    if model.engine is None:
+        model.engine = DecodeEngine(stepper_for(model))
+    return model.engine
+
+
 def in_process_reranker(model: PeRankModel, per_window: bool = True) -> Reranker:
-    return Reranker(InProcessEmbedder(model, per_window), InProcessBackend(stepper_for(model)), model.prompts)
+    return Reranker(InProcessEmbedder(model, per_window), EngineBackend(engine_for(model)), model.prompts)
 
 
 def load_in_process(

@@ -56,6 +56,7 @@ class PeRankModel:
     prompts: PromptBuilder
     dtype: torch.dtype
     device: torch.device
+    engine: object = None  # the in-process DecodeEngine, made on first use (core.inprocess.engine_for)
 
     @property
     def hidden_size(self) -> int:

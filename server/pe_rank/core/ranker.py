@@ -1,17 +1,19 @@
 """The PE-Rank decoding loop: sliding windows of dynamic-constrained greedy decoding.
 
-Written once against :class:`~pe_rank.core.steps.StepBackend`; the in-process PyTorch
-backend and the Triton backend plug into it.
+Written once. :class:`WindowDecoder` is one window's greedy decoding, fed one score vector
+at a time; the engine (:mod:`~pe_rank.core.engine`) drives many of them in batched forwards.
+:func:`slide` is the sliding-window pass; it sends whole windows to a :class:`WindowBackend`:
+the in-process engine, Triton's ``pe_llm`` over gRPC, or ``pe_llm`` through BLS inside Triton.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
 from .prompt import PromptBuilder
-from .steps import StepBackend
 from .types import Mode, RankOptions, RankStats, Timings
 
 
@@ -29,6 +31,34 @@ class MatrixSource:
 
     async def window(self, indices: list[int]) -> np.ndarray:
         return self.embeds[indices]
+
+
+@dataclass(frozen=True)
+class WindowJob:
+    """One window, everything the LLM needs: what crosses the wire to ``pe_llm``."""
+
+    prompt_ids: np.ndarray  # [T] int64, one placeholder per passage
+    embeds: np.ndarray      # [n, H] projected passage embeddings, in window order
+    mode: Mode = Mode.FULL
+    emit: int = 0           # passages to emit by decoding (emissions_needed); 0 or >= n: all
+
+
+@dataclass
+class WindowOutcome:
+    """A window's local order (indices into its passages, best first) and what it cost."""
+
+    order: list[int]
+    prompt_tokens: int = 0
+    cached_tokens: int = 0   # prompt tokens taken from the head cache instead of prefilled
+    decode_steps: int = 0
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0   # from the end of the prefill to the answer (shared batched steps)
+
+
+class WindowBackend(Protocol):
+    """Ranks one whole window. Cancelling the awaiting task abandons the window at its next step."""
+
+    async def rank_window(self, job: WindowJob) -> WindowOutcome: ...
 
 
 def window_bounds(n: int, window_size: int, stride: int) -> list[tuple[int, int]]:
@@ -69,44 +99,48 @@ def _descending(scores: np.ndarray, candidates: np.ndarray) -> list[int]:
     return [int(i) for i in candidates[order]]
 
 
-def _check_finite(scores: np.ndarray) -> np.ndarray:
-    if not np.all(np.isfinite(scores)):
-        raise FloatingPointError("the LLM produced non-finite passage scores")
-    return scores
+class WindowDecoder:
+    """Greedy constrained decoding of one window, as a state machine.
 
+    ``feed`` takes the scores s_i = h . e_i after the prefill or after a decode step, and
+    returns the passage whose embedding must be fed next, or None once the window is
+    decided. Emitting a passage removes it; ties go to the lowest index; the last passage
+    is placed without a step; after ``emit`` emissions the rest is ordered by the last
+    scores; ``first`` mode orders everything by the prefill's scores.
+    """
 
-async def rank_window(
-    backend: StepBackend, prompt_ids: np.ndarray, embeds: np.ndarray, mode: Mode, emit: int,
-    timings: Timings,
-) -> tuple[list[int], RankStats]:
-    """Greedy constrained decoding of one window; returns (local permutation, what it cost)."""
-    n = len(embeds)
-    session = backend.session()
-    try:
-        t0 = time.perf_counter()
-        only_prefill = mode is Mode.FIRST or n <= 2 or emit <= 1
-        scores = _check_finite(await session.start(prompt_ids, embeds, last=only_prefill))
-        timings.prefill_ms += (time.perf_counter() - t0) * 1e3
-        cost = RankStats(prompt_tokens=len(prompt_ids), cached_prompt_tokens=session.cached_tokens)
-        remaining = np.ones(n, dtype=bool)
-        if mode is Mode.FIRST:
-            return _descending(scores, np.arange(n)), cost
-        order: list[int] = []
-        t0 = time.perf_counter()
-        while True:
-            pick = int(np.argmax(np.where(remaining, scores, -np.inf)))
-            order.append(pick)
-            remaining[pick] = False
-            left = np.flatnonzero(remaining)
-            if len(left) <= 1 or len(order) >= emit:
-                break
-            last = len(left) <= 2 or len(order) + 1 >= emit  # the pick after this step ends the window
-            scores = _check_finite(await session.step(pick, last=last))
-            cost.decode_steps += 1
-        timings.decode_ms += (time.perf_counter() - t0) * 1e3
-        return order + _descending(scores, left), cost
-    finally:
-        await session.end()
+    def __init__(self, n: int, mode: Mode = Mode.FULL, emit: int = 0) -> None:
+        if n < 1:
+            raise ValueError("a window needs at least one passage")
+        self.mode = mode
+        self.emit = n if emit <= 0 else min(emit, n)
+        self.remaining = np.ones(n, dtype=bool)
+        self.order: list[int] = []
+        self.decode_steps = 0
+        self.done = False
+
+    def feed(self, scores: np.ndarray) -> int | None:
+        if self.done:
+            raise RuntimeError("the window is already decided")
+        scores = np.asarray(scores)
+        if scores.shape != self.remaining.shape:
+            raise ValueError(f"expected {len(self.remaining)} scores, got shape {list(scores.shape)}")
+        if not np.all(np.isfinite(scores)):
+            raise FloatingPointError("the LLM produced non-finite passage scores")
+        if self.mode is Mode.FIRST:
+            return self._finish(scores)
+        pick = int(np.argmax(np.where(self.remaining, scores, -np.inf)))
+        self.order.append(pick)
+        self.remaining[pick] = False
+        if self.remaining.sum() <= 1 or len(self.order) >= self.emit:
+            return self._finish(scores)
+        self.decode_steps += 1
+        return pick
+
+    def _finish(self, scores: np.ndarray) -> None:
+        self.order += _descending(scores, np.flatnonzero(self.remaining))
+        self.done = True
+        return None
 
 
 class WindowRanker(Protocol):
@@ -132,7 +166,7 @@ async def slide(n: int, options: RankOptions, rank_one: WindowRanker) -> tuple[l
 
 
 async def rank_passages(
-    backend: StepBackend, prompts: PromptBuilder, query: str, n: int, source: WindowSource,
+    backend: WindowBackend, prompts: PromptBuilder, query: str, n: int, source: WindowSource,
     options: RankOptions, timings: Timings | None = None,
 ) -> tuple[list[int], RankStats]:
     """PE-Rank over passages 0..n-1; returns their indices, best first."""
@@ -143,6 +177,11 @@ async def rank_passages(
         t0 = time.perf_counter()
         embeds = await source.window(window)
         timings.encode_ms += (time.perf_counter() - t0) * 1e3
-        return await rank_window(backend, prompt_ids, embeds, options.mode, emit, timings)
+        outcome = await backend.rank_window(WindowJob(np.asarray(prompt_ids), embeds, options.mode, emit))
+        timings.prefill_ms += outcome.prefill_ms
+        timings.decode_ms += outcome.decode_ms
+        return outcome.order, RankStats(prompt_tokens=outcome.prompt_tokens,
+                                        cached_prompt_tokens=outcome.cached_tokens,
+                                        decode_steps=outcome.decode_steps)
 
     return await slide(n, options, rank_one)

@@ -5,8 +5,7 @@ import time
 from typing import Protocol, Sequence
 
 from .prompt import PromptBuilder
-from .ranker import WindowSource, rank_passages
-from .steps import StepBackend
+from .ranker import WindowBackend, WindowSource, rank_passages
 from .types import Passage, RankedPassage, RankOptions, RerankRequest, RerankResult, Timings
 
 
@@ -17,7 +16,7 @@ class Embedder(Protocol):
 
 
 class Reranker:
-    def __init__(self, embedder: Embedder, backend: StepBackend, prompts: PromptBuilder) -> None:
+    def __init__(self, embedder: Embedder, backend: WindowBackend, prompts: PromptBuilder) -> None:
         self.embedder = embedder
         self.backend = backend
         self.prompts = prompts

@@ -1,12 +1,13 @@
-"""The LLM side of dynamic-constrained decoding, one window at a time.
+"""The LLM side of dynamic-constrained decoding: prefill a window, feed chosen passages.
 
 ``TorchStepper`` is the single implementation of "prefill a window" and "feed the chosen
-passage"; the in-process backend and Triton's ``pe_llm`` model both call it.
+passage(s)"; the decode engine (:mod:`~pe_rank.core.engine`) drives it, in-process and
+inside Triton's ``pe_llm``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -15,27 +16,6 @@ from torch import nn
 from .head_cache import HeadCache
 from .kv_cache import WindowCaches, reserved_cache
 from .prompt import PromptBuilder
-
-
-class StepSession(Protocol):
-    """One window's decoding state: start once, step per emitted passage, end to free it.
-
-    ``last=True`` tells the backend no further call follows, so it may free the state with
-    that call (Triton: the END flag rides on it, saving a round trip); ``end()`` is still
-    always called and must then be a no-op.
-    """
-
-    cached_tokens: int  # prompt tokens the last ``start`` took from the head cache instead of prefilling
-
-    async def start(self, prompt_ids: np.ndarray, passage_embeds: np.ndarray, last: bool = False) -> np.ndarray: ...
-
-    async def step(self, index: int, last: bool = False) -> np.ndarray: ...
-
-    async def end(self) -> None: ...
-
-
-class StepBackend(Protocol):
-    def session(self) -> StepSession: ...
 
 
 @dataclass
@@ -152,33 +132,3 @@ class TorchStepper:
     @staticmethod
     def _scores(hidden: torch.Tensor, embeds: torch.Tensor) -> np.ndarray:
         return (hidden[0, -1] @ embeds.T).float().cpu().numpy()
-
-
-class InProcessSession:
-    """A StepSession over TorchStepper in this process (blocking calls; fine for the CLI)."""
-
-    def __init__(self, stepper: TorchStepper) -> None:
-        self._stepper = stepper
-        self._state: WindowState | None = None
-        self.cached_tokens = 0
-
-    async def start(self, prompt_ids: np.ndarray, passage_embeds: np.ndarray, last: bool = False) -> np.ndarray:
-        self._state, scores = self._stepper.start(prompt_ids, passage_embeds)
-        self.cached_tokens = self._state.cached_tokens
-        return scores
-
-    async def step(self, index: int, last: bool = False) -> np.ndarray:
-        if self._state is None:
-            raise RuntimeError("step before start")
-        return self._stepper.step(self._state, index)
-
-    async def end(self) -> None:
-        self._state = None
-
-
-class InProcessBackend:
-    def __init__(self, stepper: TorchStepper) -> None:
-        self.stepper = stepper
-
-    def session(self) -> InProcessSession:
-        return InProcessSession(self.stepper)

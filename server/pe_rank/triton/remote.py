@@ -1,24 +1,21 @@
-"""The Triton backend of the ranking loop: pe_embed / pe_projector for embeddings, pe_llm for steps.
+"""The Triton backend of the ranking loop: pe_embed / pe_projector for embeddings, pe_llm per window.
 
-Every window is its own Triton sequence (a fresh correlation id); the sequence always
-ends, on success, error, deadline or cancellation, so no KV cache is left behind.
+A window is one stateless ``pe_llm`` request: nothing is held on the Triton between calls,
+so consecutive windows of a request may go to different servers, and cancelling the call
+(client gone, deadline) makes pe_llm drop the window at its next decode step.
 """
 from __future__ import annotations
 
-import asyncio
-import itertools
-import os
-import random
+import time
 
 import numpy as np
 
+from ..core.ranker import WindowJob, WindowOutcome
 
 LLM_MODEL = "pe_llm"
 EMBED_MODEL = "pe_embed"
 PROJECTOR_MODEL = "pe_projector"
-
-# correlation ids unique across processes sharing a Triton: random 32-bit base, counter below
-_CORRIDS = itertools.count((random.SystemRandom().getrandbits(31) << 32) | (os.getpid() & 0xFFFF) << 16)
+RANK_MODEL = "pe_rank"
 
 
 def _tensor(name: str, array: np.ndarray, dtype: str):
@@ -29,68 +26,58 @@ def _tensor(name: str, array: np.ndarray, dtype: str):
     return item
 
 
-class TritonSession:
-    """One window on pe_llm: START with the prompt, CHOICE per step, END to free the state.
+def window_inputs(job: WindowJob) -> list:
+    """pe_llm's inputs for one window (no batch dimension)."""
+    return [
+        _tensor("PROMPT_IDS", np.ascontiguousarray(job.prompt_ids, dtype=np.int64), "INT64"),
+        _tensor("PASSAGE_EMBEDS", np.ascontiguousarray(job.embeds, dtype=np.float32), "FP32"),
+        _tensor("EMIT", np.array([job.emit], dtype=np.int32), "INT32"),
+        _tensor("MODE", np.array([job.mode.value.encode()], dtype=np.object_), "BYTES"),
+    ]
 
-    pe_llm batches requests of different sequences (max_batch_size > 0), so every tensor
-    carries a leading batch dim of 1: this request's one window.
-    """
 
-    def __init__(self, client, corrid: int, timeout_s: float | None) -> None:
+def window_outcome(result) -> WindowOutcome:
+    return WindowOutcome(
+        order=[int(i) for i in result.as_numpy("ORDER")],
+        decode_steps=int(result.as_numpy("DECODE_STEPS")[0]),
+        cached_tokens=int(result.as_numpy("CACHED_TOKENS")[0]),
+        prefill_ms=float(result.as_numpy("PREFILL_MS")[0]),
+        decode_ms=float(result.as_numpy("DECODE_MS")[0]),
+    )
+
+
+class TritonWindowBackend:
+    """One pe_llm call per window, bounded by the request's deadline (``time.monotonic()`` based)."""
+
+    def __init__(self, client, deadline: float | None = None) -> None:
         self.client = client
-        self.corrid = corrid
-        self.timeout_s = timeout_s
-        self.open = False  # Triton holds a sequence that still needs an END
-        self.cached_tokens = 0
+        self.deadline = deadline
 
-    async def _infer(self, inputs: list, start: bool = False, end: bool = False):
-        return await self.client.infer(
-            LLM_MODEL, inputs, sequence_id=self.corrid, sequence_start=start, sequence_end=end,
-            client_timeout=self.timeout_s,
-        )
+    def timeout(self) -> float | None:
+        """Seconds left for the next call; Triton cancels the window when they run out."""
+        if self.deadline is None:
+            return None
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("deadline exceeded")
+        return left
 
-    async def start(self, prompt_ids: np.ndarray, passage_embeds: np.ndarray, last: bool = False) -> np.ndarray:
-        self.open = not last
-        result = await self._infer([
-            _tensor("PROMPT_IDS", np.ascontiguousarray(prompt_ids, dtype=np.int64)[None], "INT64"),
-            _tensor("PASSAGE_EMBEDS", np.ascontiguousarray(passage_embeds, dtype=np.float32)[None], "FP32"),
-        ], start=True, end=last)
-        self.cached_tokens = int(result.as_numpy("CACHED_TOKENS")[0, 0])
-        return result.as_numpy("SCORES")[0]
-
-    async def step(self, index: int, last: bool = False) -> np.ndarray:
-        result = await self._infer([_tensor("CHOICE", np.array([[index]], dtype=np.int64), "INT64")], end=last)
-        self.open = not last
-        return result.as_numpy("SCORES")[0]
-
-    async def end(self) -> None:
-        """Free the sequence unless the last call already did; shielded from cancellation, errors swallowed."""
-        if not self.open:
-            return
-        self.open = False
-        try:
-            await asyncio.shield(self._infer([], end=True))
-        except Exception:  # Triton down or sequence already expired: nothing left to free
-            pass
+    async def rank_window(self, job: WindowJob) -> WindowOutcome:
+        result = await self.client.infer(LLM_MODEL, window_inputs(job), client_timeout=self.timeout())
+        outcome = window_outcome(result)
+        outcome.prompt_tokens = len(job.prompt_ids)
+        return outcome
 
 
-class TritonStepBackend:
-    def __init__(self, client, timeout_s: float | None = None) -> None:
-        self.client = client
-        self.timeout_s = timeout_s
-
-    def session(self) -> TritonSession:
-        return TritonSession(self.client, next(_CORRIDS), self.timeout_s)
-
-
-async def embed_texts(client, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+async def embed_texts(client, texts: list[str], timeout: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """pe_embed: (projected [n, H], encoder embeddings [n, E]) for one batch of texts."""
     array = np.array([t.encode("utf-8") for t in texts], dtype=np.object_)
-    result = await client.infer(EMBED_MODEL, [_tensor("TEXT", array, "BYTES")])
+    result = await client.infer(EMBED_MODEL, [_tensor("TEXT", array, "BYTES")], client_timeout=timeout)
     return result.as_numpy("PROJECTED"), result.as_numpy("ENCODER_EMBEDDING")
 
 
-async def project(client, vectors: np.ndarray) -> np.ndarray:
+async def project(client, vectors: np.ndarray, timeout: float | None = None) -> np.ndarray:
     """pe_projector for caller-supplied encoder embeddings [n, E]."""
-    result = await client.infer(PROJECTOR_MODEL, [_tensor("ENCODER_EMBEDDING", np.ascontiguousarray(vectors, np.float32), "FP32")])
+    result = await client.infer(PROJECTOR_MODEL, [_tensor("ENCODER_EMBEDDING", np.ascontiguousarray(vectors, np.float32),
+                                                          "FP32")], client_timeout=timeout)
     return result.as_numpy("PROJECTED")

@@ -1,0 +1,103 @@
+"""pe_rank: a whole PE-Rank request as one Triton call (for Triton-only deployments and perf_analyzer).
+
+Inputs QUERY (1 text), PASSAGES (n texts), optional WINDOW_SIZE, STRIDE, TOP_N (INT32) and MODE
+(full or first); output ORDER (INT64, input indices best first; the top TOP_N when it is > 0).
+The sliding-window pass is pe_rank.core.ranker's; each window is one pe_embed and one pe_llm
+call through BLS. execute() only hands requests to an asyncio loop of this model and returns,
+so concurrent requests run side by side (their windows meet in pe_llm's batched steps), and
+each answers through its response sender when done. A cancelled request sends no further window.
+"""
+import asyncio
+import threading
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from pe_rank.triton_backend.utils import input_array, model_dir
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        from pe_rank.core.checkpoint import read_checkpoint_info
+        from pe_rank.core.prompt import PromptBuilder
+        from pe_rank.core.tokenization import load_prompt_tokenizer
+
+        checkpoint = model_dir(args).parents[1] / "pe_llm" / "1" / "checkpoint"
+        self.info = read_checkpoint_info(checkpoint)
+        self.prompts = PromptBuilder(load_prompt_tokenizer(checkpoint))
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="pe-rank-requests", daemon=True)
+        self.thread.start()
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            asyncio.run_coroutine_threadsafe(self._answer(request, sender), self.loop)
+        return None
+
+    async def _answer(self, request, sender):
+        try:
+            order = await self._rank(request, sender.is_cancelled)
+            response = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("ORDER", np.asarray(order, np.int64))])
+        except Exception as exc:
+            response = pb_utils.InferenceResponse(error=_triton_error(exc))
+        sender.send(response, flags=FINAL)
+
+    async def _rank(self, request, is_cancelled):
+        from pe_rank.core.ranker import rank_passages
+        from pe_rank.core.types import RankOptions
+        from pe_rank.core.validation import validate_request
+        from pe_rank.triton_backend.bls import BlsWindowBackend, BlsWindowSource
+
+        req = _request(request)
+        validate_request(req, self.info.embedding_size)
+        texts = [p.text for p in req.passages]
+        options = RankOptions(req.window_size, req.stride, req.mode, req.top_n or None)
+        order, _ = await rank_passages(BlsWindowBackend(pb_utils), self.prompts, req.query, len(texts),
+                                       BlsWindowSource(pb_utils, texts, is_cancelled), options)
+        return order[: req.top_n] if req.top_n else order
+
+    def finalize(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+def _texts(request, name, required=True):
+    array = input_array(pb_utils, request, name, required=required)
+    if array is None:
+        return None
+    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in array.reshape(-1)]
+
+
+def _int(request, name, default):
+    array = input_array(pb_utils, request, name, required=False)
+    return default if array is None else int(array.reshape(-1)[0])
+
+
+def _request(request):
+    """The Triton inputs as a RerankRequest (values are checked by validate_request)."""
+    from pe_rank.core.types import Mode, Passage, RerankRequest
+    from pe_rank.core.validation import InvalidRequest
+
+    query = _texts(request, "QUERY")
+    if len(query) != 1:
+        raise InvalidRequest("QUERY", f"exactly one query text, got {len(query)}")
+    mode = (_texts(request, "MODE", required=False) or ["full"])[0]
+    if mode not in ("full", "first"):
+        raise InvalidRequest("MODE", f"must be full or first, got {mode!r}")
+    passages = tuple(Passage(id=str(i), text=t) for i, t in enumerate(_texts(request, "PASSAGES")))
+    top_n = _int(request, "TOP_N", 0)
+    return RerankRequest(query=query[0], passages=passages, window_size=_int(request, "WINDOW_SIZE", 20),
+                         stride=_int(request, "STRIDE", 10), mode=Mode(mode), top_n=None if top_n == 0 else top_n)
+
+
+def _triton_error(exc):
+    from pe_rank.core.engine import WindowCancelled
+
+    if isinstance(exc, WindowCancelled):
+        return pb_utils.TritonError(str(exc), pb_utils.TritonError.CANCELLED)
+    if isinstance(exc, ValueError):  # InvalidRequest, or a query holding the placeholder text
+        return pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
+    return pb_utils.TritonError(f"{type(exc).__name__}: {exc}")

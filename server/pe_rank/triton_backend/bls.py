@@ -1,0 +1,62 @@
+"""The ranking loop inside Triton: pe_embed and pe_llm called through BLS, one window at a time.
+
+Used by the ``pe_rank`` model. The sliding-window pass is pe_rank.core.ranker's, the same the
+gRPC server and the in-process ranker run; only the two calls below differ.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..core.engine import WindowCancelled
+from ..core.ranker import WindowJob, WindowOutcome
+
+
+class BlsError(RuntimeError):
+    """A model called through BLS answered with an error."""
+
+
+async def _call(pb_utils: Any, model: str, inputs: list, outputs: list[str]) -> Any:
+    request = pb_utils.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=outputs)
+    response = await request.async_exec()
+    if response.has_error():
+        raise BlsError(f"{model}: {response.error().message()}")
+    return response
+
+
+class BlsWindowSource:
+    """Each window's passages embedded together by pe_embed, as the reference encodes them."""
+
+    def __init__(self, pb_utils: Any, texts: Sequence[str], is_cancelled: Callable[[], bool]) -> None:
+        self.pb_utils, self.texts, self.is_cancelled = pb_utils, texts, is_cancelled
+
+    async def window(self, indices: list[int]) -> np.ndarray:
+        if self.is_cancelled():  # the caller left: the remaining windows are never sent
+            raise WindowCancelled("request cancelled")
+        texts = np.array([self.texts[i].encode("utf-8") for i in indices], dtype=np.object_)
+        response = await _call(self.pb_utils, "pe_embed", [self.pb_utils.Tensor("TEXT", texts)],
+                               ["PROJECTED", "ENCODER_EMBEDDING"])
+        return self.pb_utils.get_output_tensor_by_name(response, "PROJECTED").as_numpy()
+
+
+class BlsWindowBackend:
+    """One pe_llm request per window."""
+
+    def __init__(self, pb_utils: Any) -> None:
+        self.pb_utils = pb_utils
+
+    async def rank_window(self, job: WindowJob) -> WindowOutcome:
+        t = self.pb_utils.Tensor
+        inputs = [t("PROMPT_IDS", np.ascontiguousarray(job.prompt_ids, dtype=np.int64)),
+                  t("PASSAGE_EMBEDS", np.ascontiguousarray(job.embeds, dtype=np.float32)),
+                  t("EMIT", np.array([job.emit], dtype=np.int32)),
+                  t("MODE", np.array([job.mode.value.encode()], dtype=np.object_))]
+        response = await _call(self.pb_utils, "pe_llm", inputs, ["ORDER", "DECODE_STEPS", "CACHED_TOKENS"])
+
+        def scalar(name: str) -> int:
+            return int(self.pb_utils.get_output_tensor_by_name(response, name).as_numpy().reshape(-1)[0])
+
+        order = self.pb_utils.get_output_tensor_by_name(response, "ORDER").as_numpy()
+        return WindowOutcome(order=[int(i) for i in order], prompt_tokens=len(job.prompt_ids),
+                             cached_tokens=scalar("CACHED_TOKENS"), decode_steps=scalar("DECODE_STEPS"))
