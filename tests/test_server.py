@@ -91,12 +91,17 @@ def services(tritons, exported):
         service.stop()
 
 
-def live_sequences(triton_url: str) -> int:
-    """pe_llm's count of held windows, via a bare START+END probe."""
-    with tclient.InferenceServerClient(triton_url) as client:
-        result = client.infer("pe_llm", [], sequence_id=int(np.random.randint(1, 2**62)),
-                              sequence_start=True, sequence_end=True)
-        return int(result.as_numpy("LIVE_SEQUENCES")[0, 0])  # [batch of 1, 1]
+def triton_metric(triton: TritonServer, name: str) -> float:
+    """One series of a Triton's /metrics (0 when absent): e.g. 'pe_llm_live_windows{model="pe_llm"}'."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{triton.metrics_port}/metrics") as page:
+        for line in page.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+LIVE = 'pe_llm_live_windows{model="pe_llm"}'
+LLM_CALLS = 'nv_inference_request_success{model="pe_llm",version="1"}'
 
 
 def request_of(case: dict, **extra) -> pb.RerankRequest:
@@ -204,18 +209,16 @@ def test_sixteen_concurrent_requests_are_all_correct(services):
         assert [r.id for r in response.ranks] == case["expected_ranking"]
 
 
-def test_deadline_exceeded_leaves_no_sequence(services, tritons, dl19):
-    service, url = services("tiny-a"), tritons("tiny-a").grpc_url
-    baseline = live_sequences(url)
+def test_deadline_exceeded_leaves_no_window(services, tritons, dl19):
+    service, triton = services("tiny-a"), tritons("tiny-a")
     with pytest.raises(grpc.RpcError) as err:
         service.client.rerank(big_request(dl19, 100, qi=7), timeout=0.3)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    _settles_to(lambda: live_sequences(url), baseline, within=3.0)  # well inside the idle timeout
+    _settles_to(lambda: triton_metric(triton, LIVE), 0, within=3.0)
 
 
-def test_cancelled_call_leaves_no_sequence(services, tritons, dl19):
-    service, url = services("tiny-a"), tritons("tiny-a").grpc_url
-    baseline = live_sequences(url)
+def test_cancelled_call_leaves_no_window(services, tritons, dl19):
+    service, triton = services("tiny-a"), tritons("tiny-a")
 
     async def cancel_midway():
         async with AsyncRankerClient(service.target) as client:
@@ -226,7 +229,7 @@ def test_cancelled_call_leaves_no_sequence(services, tritons, dl19):
                 await call
 
     asyncio.run(cancel_midway())
-    _settles_to(lambda: live_sequences(url), baseline, within=3.0)
+    _settles_to(lambda: triton_metric(triton, LIVE), 0, within=3.0)
     assert services("tiny-a").client.rerank(big_request(dl19, 20), timeout=60).ranks
 
 
@@ -301,13 +304,6 @@ def test_requests_spread_over_several_tritons_and_stay_correct(tritons, exported
         second.stop()
 
 
-def _llm_requests(triton: TritonServer) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{triton.metrics_port}/metrics") as page:
-        lines = [line for line in page.read().decode().splitlines()
-                 if line.startswith('nv_inference_request_success{model="pe_llm"')]
-    return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
-
-
 def test_a_request_survives_losing_its_triton_when_another_is_ready(exported, dl19):
     repo = exported("tiny-a")
     first, second = TritonServer(repo).start(), TritonServer(repo).start()
@@ -317,11 +313,11 @@ def test_a_request_survives_losing_its_triton_when_another_is_ready(exported, dl
         long_request.passages.add(id=f"x{len(long_request.passages)}", text=h["content"])
     try:
         expected = [r.id for r in service.client.rerank(long_request, timeout=300).ranks]
-        before = _llm_requests(first)
+        before = triton_metric(first, LLM_CALLS)
         with ThreadPoolExecutor(1) as pool:
             pending = pool.submit(service.client.rerank, long_request, 300)
             deadline = time.monotonic() + 60
-            while _llm_requests(first) == before and time.monotonic() < deadline:
+            while triton_metric(first, LLM_CALLS) == before and time.monotonic() < deadline:
                 time.sleep(0.02)  # idle pool: the request starts on the first server listed
             first.kill()
             assert [r.id for r in pending.result().ranks] == expected
@@ -395,3 +391,54 @@ def test_tls(tritons, exported, tmp_path, dl19):
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         service.stop()
+
+
+def test_one_llm_call_per_window(services, tritons, dl19):
+    """Triton's own counter: a 100-passage request at 20/10 makes exactly 9 pe_llm calls, one per window."""
+    service, triton = services("tiny-b"), tritons("tiny-b")
+    before = triton_metric(triton, LLM_CALLS)
+    response = service.client.rerank(big_request(dl19, 100, qi=6), timeout=120)
+    assert response.metadata.windows == 9
+    _settles_to(lambda: triton_metric(triton, LLM_CALLS) - before, 9, within=3.0)
+
+
+def test_abandoned_requests_stop_and_leave_valid_ones_alone(services, tritons, dl19):
+    """A bounded storm: each round, 20 requests with a 0.3 s deadline and 20 cancelled after 0.5 s, then one
+    valid request once they are gone. Abandoned windows stop at their next step inside Triton and their later
+    windows are never sent, so the valid request runs as fast as on a quiet server (it was 40-55x slower
+    when abandoned work ran on)."""
+    service, triton = services("tiny-a"), tritons("tiny-a")
+    valid = big_request(dl19, 100, qi=12)
+    abandoned = [big_request(dl19, 100, qi=13 + i % 5) for i in range(20)]
+
+    async def timed(client) -> float:
+        t0 = time.perf_counter()
+        await client.rerank(valid, timeout=120)
+        return time.perf_counter() - t0
+
+    async def storm_round(client) -> float:
+        calls = [client.stub.Rerank(msg, timeout=0.3) for msg in abandoned]
+        cancelled = [client.stub.Rerank(msg) for msg in abandoned]
+        await asyncio.sleep(0.5)
+        for call in cancelled:
+            call.cancel()
+        outcomes = await asyncio.gather(*calls, *cancelled, return_exceptions=True)
+        assert all(isinstance(o, (grpc.RpcError, asyncio.CancelledError)) for o in outcomes), outcomes
+        await asyncio.sleep(0.1)
+        return await timed(client)
+
+    async def run() -> tuple[list[float], list[float]]:
+        async with AsyncRankerClient(service.target) as client:
+            await timed(client)  # warm
+            quiet = [await timed(client) for _ in range(3)]
+            stormy = [await storm_round(client) for _ in range(3)]
+            return quiet, stormy
+
+    calls_before = triton_metric(triton, LLM_CALLS)
+    quiet, stormy = asyncio.run(run())
+    _settles_to(lambda: triton_metric(triton, LIVE), 0, within=3.0)
+    with urllib.request.urlopen(f"http://127.0.0.1:{service.metrics_port}/metrics") as page:
+        assert "pe_rank_requests_in_flight 0.0" in page.read().decode()  # no handler runs on
+    # 120 abandoned requests of 9 windows each: had they run on, pe_llm would have answered over 1000 windows
+    assert triton_metric(triton, LLM_CALLS) - calls_before < 120 * 9 / 2
+    assert np.median(stormy) <= 1.5 * np.median(quiet), (quiet, stormy)

@@ -1,8 +1,8 @@
-"""The Triton models on a real Triton server: embeddings, rankings, sequence state, errors."""
+"""The Triton models on a real Triton server: embeddings, whole windows in pe_llm, pe_rank, errors."""
 from __future__ import annotations
 
 import asyncio
-import random
+import re
 import time
 
 import numpy as np
@@ -10,27 +10,26 @@ import pytest
 import tritonclient.grpc as tclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import CHECKPOINTS, CONFORMANCE, SEQUENCE_IDLE_S, case_id, conformance_cases
+from conftest import CHECKPOINTS, CONFORMANCE, case_id, conformance_cases
+from pe_rank.core.inprocess import stepper_for
 from pe_rank.core.prompt import PromptBuilder
 from pe_rank.core.reranker import Reranker
 from pe_rank.core.tokenization import load_prompt_tokenizer
 from pe_rank.core.types import Passage, RerankRequest
 from pe_rank.service.cache import EmbeddingCache
 from pe_rank.service.embedder import TritonEmbedder
-from pe_rank.triton.remote import TritonStepBackend
+from pe_rank.core.ranker import WindowDecoder, WindowJob
+from pe_rank.core.types import Mode
+from pe_rank.triton.remote import TritonWindowBackend, window_inputs, window_outcome
 
 pytestmark = pytest.mark.triton
 
 TOLERANCE = {"torch": 1e-6, "python": 1e-4}
-_RANDOM = random.SystemRandom()
-
-
-def new_corrid() -> int:
-    return _RANDOM.getrandbits(60) | 1  # never 0 (0 means "no sequence")
 
 
 def tensor(name: str, array: np.ndarray) -> tclient.InferInput:
-    dtype = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32", np.dtype(np.object_): "BYTES"}[array.dtype]
+    dtype = {np.dtype(np.int64): "INT64", np.dtype(np.int32): "INT32", np.dtype(np.float32): "FP32",
+             np.dtype(np.object_): "BYTES"}[array.dtype]
     item = tclient.InferInput(name, list(array.shape), dtype)
     item.set_data_from_numpy(array)
     return item
@@ -61,77 +60,37 @@ def dl19_texts(dl19, n: int = 20, query: int = 3) -> list[str]:
     return [h["content"] for h in dl19[query]["hits"][:n]]
 
 
-# ---- pe_llm protocol helpers (sync client)
+# ---- pe_llm helpers
 
 
-def start_inputs(prompt_ids: np.ndarray, embeds: np.ndarray) -> list[tclient.InferInput]:
-    """PROMPT_IDS [1, T] and PASSAGE_EMBEDS [1, n, H]: one window per request."""
-    return [tensor("PROMPT_IDS", np.ascontiguousarray(prompt_ids, dtype=np.int64)[None]),
-            tensor("PASSAGE_EMBEDS", np.ascontiguousarray(embeds, dtype=np.float32)[None])]
+def metric(tritons, name: str, series: str) -> float:
+    """One series of that Triton's /metrics, e.g. 'pe_llm_live_windows{model="pe_llm"}' (0 when absent)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{tritons(name).metrics_port}/metrics") as page:
+        for line in page.read().decode().splitlines():
+            if line.startswith(series + " "):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
-def choice_input(choice: int) -> tclient.InferInput:
-    return tensor("CHOICE", np.array([[choice]], dtype=np.int64))
+LIVE = 'pe_llm_live_windows{model="pe_llm"}'
 
 
-class Llm:
-    """Raw pe_llm requests; every call returns (SCORES, LIVE_SEQUENCES).
-
-    pe_llm batches requests of different sequences, so every tensor has a leading batch dim of 1.
-    """
-
-    def __init__(self, client: tclient.InferenceServerClient) -> None:
-        self.client = client
-
-    def _infer(self, corrid: int, inputs: list, start: bool = False, end: bool = False) -> tuple[np.ndarray, int]:
-        result = self.client.infer("pe_llm", inputs, sequence_id=corrid, sequence_start=start, sequence_end=end,
-                                   client_timeout=60)
-        live = result.as_numpy("LIVE_SEQUENCES")
-        assert live.shape == (1, 1) and result.as_numpy("STEP_BATCH").shape == (1, 1)
-        return result.as_numpy("SCORES")[0], int(live[0, 0])
-
-    def start(self, corrid: int, prompt_ids: np.ndarray, embeds: np.ndarray, end: bool = False):
-        return self._infer(corrid, start_inputs(prompt_ids, embeds), start=True, end=end)
-
-    def step(self, corrid: int, choice: int, end: bool = False):
-        return self._infer(corrid, [choice_input(choice)], end=end)
-
-    def end(self, corrid: int):
-        return self._infer(corrid, [], end=True)
-
-    def live(self) -> int:
-        """A bare START+END probe on a fresh sequence: reports LIVE_SEQUENCES only."""
-        scores, live = self._infer(new_corrid(), [], start=True, end=True)
-        assert scores.shape == (0,)
-        return live
-
-    def run(self, prompt_ids: np.ndarray, embeds: np.ndarray, choices: list[int]) -> list[np.ndarray]:
-        """One whole sequence on its own: START, a step per choice, END; the score vectors."""
-        corrid = new_corrid()
-        scores, _ = self.start(corrid, prompt_ids, embeds)
-        out = [scores]
-        try:
-            for choice in choices:
-                out.append(self.step(corrid, choice)[0])
-        finally:
-            self.end(corrid)
-        return out
+def decode_alone(stepper, job: WindowJob) -> tuple[list[int], int]:
+    """The window decoded in this process with plain start/step calls: (order, decode steps)."""
+    decoder = WindowDecoder(len(job.embeds), job.mode, job.emit)
+    state, scores = stepper.start(job.prompt_ids, job.embeds)
+    while (pick := decoder.feed(scores)) is not None:
+        scores = stepper.step(state, pick)
+    return decoder.order, decoder.decode_steps
 
 
-def window_inputs(model, builder: PromptBuilder, dl19, query: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+def window_inputs_of(model, builder: PromptBuilder, dl19, query: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Real prompt ids and real projected passage embeddings [n, H] for one window."""
     texts = dl19_texts(dl19, n, query)
     prompt_ids, _ = builder.build(dl19[query]["query"], n)
     return np.array(prompt_ids), model.project(model.encode(texts))
-
-
-def wait_for_live(llm: Llm, at_most: int, timeout_s: float) -> int:
-    deadline = time.monotonic() + timeout_s
-    live = llm.live()
-    while live > at_most and time.monotonic() < deadline:
-        time.sleep(0.25)
-        live = llm.live()
-    return live
 
 
 # ---- 1. embeddings: pe_embed and pe_projector equal the in-process PyTorch model
@@ -184,7 +143,7 @@ def test_triton_ranking_equals_original(item, tritons, prompt_builders):
 
         client = InferenceServerClient(url)
         try:
-            reranker = Reranker(TritonEmbedder(client, EmbeddingCache(0), "exact"), TritonStepBackend(client),
+            reranker = Reranker(TritonEmbedder(client, EmbeddingCache(0), "exact"), TritonWindowBackend(client),
                                 prompt_builders[name])
             return await reranker.rerank(request_of(case))
         finally:
@@ -194,155 +153,98 @@ def test_triton_ranking_equals_original(item, tritons, prompt_builders):
     assert [r.id for r in result.ranking] == case["expected_ranking"]
 
 
-# ---- 3. sequences are isolated from each other
+# ---- 3. pe_llm decodes whole windows exactly as the in-process decoder
 
 
+@pytest.mark.parametrize("mode,emit", [(Mode.FULL, 0), (Mode.FULL, 4), (Mode.FIRST, 0)])
 @pytest.mark.parametrize("name", CHECKPOINTS)
-def test_interleaved_sequences_score_as_if_alone(name, clients, conformance_models, prompt_builders, dl19):
+def test_pe_llm_window_equals_decoding_in_process(name, mode, emit, clients, conformance_models, prompt_builders, dl19):
     model, _ = conformance_models[name]
-    llm = Llm(clients(name))
-    ids_a, embeds_a = window_inputs(model, prompt_builders[name], dl19, query=0, n=6)
-    ids_b, embeds_b = window_inputs(model, prompt_builders[name], dl19, query=1, n=9)
-    choices_a, choices_b = [4, 0, 5, 1], [8, 2, 0, 7]
-    baseline = llm.live()
-
-    a, b = new_corrid(), new_corrid()
-    scores_a, live = llm.start(a, ids_a, embeds_a)
-    assert live == baseline + 1
-    scores_b, live = llm.start(b, ids_b, embeds_b)
-    assert live == baseline + 2
-    got_a, got_b = [scores_a], [scores_b]
-    try:
-        for ca, cb in zip(choices_a, choices_b):
-            got_a.append(llm.step(a, ca)[0])
-            got_b.append(llm.step(b, cb)[0])
-    finally:
-        llm.end(a)
-        llm.end(b)
-
-    alone_a = llm.run(ids_a, embeds_a, choices_a)
-    alone_b = llm.run(ids_b, embeds_b, choices_b)
-    assert [s.shape for s in got_a] == [(6,)] * 5 and [s.shape for s in got_b] == [(9,)] * 5
-    for got, alone in ((got_a, alone_a), (got_b, alone_b)):
-        for k, (x, y) in enumerate(zip(got, alone)):
-            np.testing.assert_array_equal(x, y, err_msg=f"score vector {k}")
-    assert llm.live() == baseline
+    stepper = stepper_for(model)
+    for query, n in ((0, 6), (1, 9), (3, 20)):
+        ids, embeds = window_inputs_of(model, prompt_builders[name], dl19, query, n)
+        job = WindowJob(ids, embeds, mode, emit)
+        outcome = window_outcome(clients(name).infer("pe_llm", window_inputs(job), client_timeout=60))
+        assert (outcome.order, outcome.decode_steps) == decode_alone(stepper, job), (query, n)
+        assert sorted(outcome.order) == list(range(n)) and outcome.prefill_ms > 0
 
 
-def test_prompt_head_comes_from_the_cache_across_sequences(clients, conformance_models, prompt_builders, dl19):
-    """CACHED_TOKENS: a START whose prompt begins with a head already prefilled (by any earlier
-    sequence with the same window size) takes those tokens from the cache; a foreign prompt none.
-    Cached or not, the scores are the same bit for bit."""
+def test_prompt_head_comes_from_the_cache_across_windows(clients, conformance_models, prompt_builders, dl19):
+    """CACHED_TOKENS: a window whose prompt begins with a head already prefilled (by any earlier window
+    with the same size) takes those tokens from the cache; a foreign prompt none. Same order either way."""
     name = CHECKPOINTS[0]
     model, _ = conformance_models[name]
     client, builder = clients(name), prompt_builders[name]
 
-    def start(ids, embeds):
-        corrid = new_corrid()
-        result = client.infer("pe_llm", start_inputs(ids, embeds), sequence_id=corrid, sequence_start=True,
-                              sequence_end=True, client_timeout=60)
-        return result.as_numpy("SCORES")[0], int(result.as_numpy("CACHED_TOKENS")[0, 0])
+    def run(ids, embeds):
+        outcome = window_outcome(client.infer("pe_llm", window_inputs(WindowJob(ids, embeds)), client_timeout=60))
+        return outcome.order, outcome.cached_tokens
 
     n = 11
     head = len(builder.shared_head(n))
-    ids_a, embeds_a = window_inputs(model, builder, dl19, query=4, n=n)
-    ids_b, embeds_b = window_inputs(model, builder, dl19, query=5, n=n)
-    first_scores, first = start(ids_a, embeds_a)
+    ids_a, embeds_a = window_inputs_of(model, builder, dl19, query=4, n=n)
+    ids_b, embeds_b = window_inputs_of(model, builder, dl19, query=5, n=n)
+    first_order, first = run(ids_a, embeds_a)
     assert first in (0, head)  # 0 unless an earlier test already ran a window of this size
-    again_scores, again = start(ids_a, embeds_a)
-    assert again == head > 0
-    np.testing.assert_array_equal(again_scores, first_scores)
-    assert start(ids_b, embeds_b)[1] == head
+    again_order, again = run(ids_a, embeds_a)
+    assert again == head > 0 and again_order == first_order
+    assert run(ids_b, embeds_b)[1] == head
     foreign = ids_a.copy()
     foreign[1] = (foreign[1] + 1) % model.llm.config.vocab_size
-    assert start(foreign, embeds_a)[1] == 0
+    assert run(foreign, embeds_a)[1] == 0
 
 
-# ---- 4. state is freed on END and on idle expiry
+# ---- 4. a window whose caller left stops inside Triton
 
 
-def test_live_sequences_drop_after_end_and_after_idle_expiry(clients, conformance_models, prompt_builders, dl19):
+def test_a_window_past_its_deadline_stops_at_its_next_step(tritons, clients, conformance_models, prompt_builders, dl19):
     name = "tiny-a"
     model, _ = conformance_models[name]
-    llm = Llm(clients(name))
-    ids, embeds = window_inputs(model, prompt_builders[name], dl19, query=2, n=4)
-    baseline = llm.live()
-
-    a, b = new_corrid(), new_corrid()
-    assert llm.start(a, ids, embeds)[1] == baseline + 1
-    assert llm.start(b, ids, embeds)[1] == baseline + 2
-    assert llm.live() == baseline + 2
-    scores, live = llm.step(a, 1, end=True)  # END on a step: scores still come back, state freed
-    assert scores.shape == (4,) and live == baseline + 1
-    assert llm.end(b)[1] == baseline
-    assert llm.live() == baseline
-    with pytest.raises(InferenceServerException):
-        llm.step(a, 0)  # ended: neither Triton nor the model has that sequence any more
-
-    abandoned = new_corrid()
-    t0 = time.monotonic()
-    assert llm.start(abandoned, ids, embeds)[1] == baseline + 1
-    assert llm.step(abandoned, 2)[1] == baseline + 1  # ... and never ended
-    assert llm.live() == baseline + 1
-    live = wait_for_live(llm, baseline, timeout_s=3 * SEQUENCE_IDLE_S)
-    waited = time.monotonic() - t0
-    assert live <= baseline, f"abandoned sequence still held after {waited:.1f} s"
-    assert waited >= SEQUENCE_IDLE_S * 0.9, f"state expired after {waited:.1f} s, before the idle timeout"
-    with pytest.raises(InferenceServerException):
-        llm.step(abandoned, 0)
+    ids, embeds = window_inputs_of(model, prompt_builders[name], dl19, query=0, n=100)
+    job = WindowJob(ids, embeds)
+    cancelled = 'pe_llm_windows_total{model="pe_llm",status="cancelled"}'
+    steps = 'pe_llm_decode_steps_total{model="pe_llm"}'
+    before = (metric(tritons, name, cancelled), metric(tritons, name, steps))
+    with pytest.raises(InferenceServerException, match="DEADLINE_EXCEEDED|Deadline"):
+        clients(name).infer("pe_llm", window_inputs(job), client_timeout=0.2)
+    deadline = time.monotonic() + 10
+    while metric(tritons, name, cancelled) == before[0] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert metric(tritons, name, cancelled) == before[0] + 1
+    assert metric(tritons, name, LIVE) == 0
+    assert metric(tritons, name, steps) - before[1] < 98, "the abandoned window decoded to its end"
 
 
 # ---- 5. bad inputs: clean errors, and the model keeps serving
 
 
-def test_bad_inputs_return_errors_and_model_keeps_serving(clients, conformance_models, prompt_builders, dl19):
+def test_bad_inputs_return_errors_and_model_keeps_serving(tritons, clients, conformance_models, prompt_builders, dl19):
     name = "tiny-a"
     model, _ = conformance_models[name]
-    llm = Llm(clients(name))
-    ids3, embeds3 = window_inputs(model, prompt_builders[name], dl19, query=4, n=3)
+    client = clients(name)
+    ids3, embeds3 = window_inputs_of(model, prompt_builders[name], dl19, query=4, n=3)
     ids2, _ = prompt_builders[name].build(dl19[4]["query"], 2)
-    baseline = llm.live()
 
-    # PASSAGE_EMBEDS of the wrong width
+    def infer(job: WindowJob):
+        return window_outcome(client.infer("pe_llm", window_inputs(job), client_timeout=60))
+
     wide = np.concatenate([embeds3, np.zeros((3, 1), np.float32)], axis=1)
     with pytest.raises(InferenceServerException, match="passage embeddings"):
-        llm.start(new_corrid(), ids3, wide, end=True)
-    # a prompt with 2 placeholders for 3 passages
+        infer(WindowJob(ids3, wide))
     with pytest.raises(InferenceServerException, match="2 placeholders for 3 passages"):
-        llm.start(new_corrid(), np.array(ids2), embeds3, end=True)
-    # prompt ids outside the vocabulary
+        infer(WindowJob(np.array(ids2), embeds3))
     with pytest.raises(InferenceServerException, match="prompt ids"):
-        llm.start(new_corrid(), np.concatenate([ids3, [10**9]]), embeds3, end=True)
-    # a wrong dtype is refused by Triton before the model
-    with pytest.raises(InferenceServerException):
-        llm._infer(new_corrid(), [tensor("PROMPT_IDS", ids3.astype(np.float32)[None]),
-                                  tensor("PASSAGE_EMBEDS", embeds3[None])], start=True, end=True)
-
-    # a step on a sequence whose START failed: the model has no state for it
-    failed = new_corrid()
-    with pytest.raises(InferenceServerException, match="placeholders"):
-        llm.start(failed, np.array(ids2), embeds3)
-    with pytest.raises(InferenceServerException, match="has no state"):
-        llm.step(failed, 0)
-    assert llm.end(failed)[1] == baseline
-
-    # CHOICE out of range, on a live sequence: errors, and the sequence itself goes on
-    want = llm.run(ids3, embeds3, [1, 2])
-    corrid = new_corrid()
-    scores, live = llm.start(corrid, ids3, embeds3)
-    assert live == baseline + 1
-    for bad in (3, -1, 10**6):
-        with pytest.raises(InferenceServerException, match="out of range"):
-            llm.step(corrid, bad)
-    got = [scores, llm.step(corrid, 1)[0], llm.step(corrid, 2, end=True)[0]]
-    for x, y in zip(got, want):
-        np.testing.assert_array_equal(x, y)
-
-    # afterwards a valid full sequence still works and nothing leaked
-    again = llm.run(ids3, embeds3, [1, 2])
-    for x, y in zip(again, want):
-        np.testing.assert_array_equal(x, y)
-    assert llm.live() == baseline
+        infer(WindowJob(np.concatenate([ids3, [10**9]]), embeds3))
+    with pytest.raises(InferenceServerException, match="non-finite"):
+        infer(WindowJob(ids3, np.full_like(embeds3, np.nan)))
+    bad_mode = window_inputs(WindowJob(ids3, embeds3))
+    bad_mode[3] = tensor("MODE", np.array([b"sideways"], dtype=np.object_))
+    with pytest.raises(InferenceServerException, match="MODE"):
+        client.infer("pe_llm", bad_mode)
+    with pytest.raises(InferenceServerException):  # a wrong dtype is refused by Triton before the model
+        client.infer("pe_llm", [tensor("PROMPT_IDS", ids3.astype(np.float32)), tensor("PASSAGE_EMBEDS", embeds3)])
+    assert infer(WindowJob(ids3, embeds3)).order == decode_alone(stepper_for(model), WindowJob(ids3, embeds3))[0]
+    assert metric(tritons, name, LIVE) == 0
 
 
 # ---- 6. pe_llm batches the CHOICE steps of concurrent sequences into one forward pass
@@ -379,11 +281,9 @@ def test_step_many_equals_step_for_windows_of_different_lengths(name, conformanc
     Scores agree to BATCH_TOLERANCE (float noise of the batched GEMMs, not bit-identical), argmax
     choices agree wherever the alone margin exceeds that noise, and a batch of one is bit-exact.
     """
-    from pe_rank.core.inprocess import stepper_for
-
     model, _ = conformance_models[name]
     stepper = stepper_for(model)
-    windows = [window_inputs(model, prompt_builders[name], dl19, q, n) for q, n in WIDE_MARGIN_WINDOWS[:5]]
+    windows = [window_inputs_of(model, prompt_builders[name], dl19, q, n) for q, n in WIDE_MARGIN_WINDOWS[:5]]
     choices = [[len(embeds) - 1, 0, len(embeds) // 2] for _, embeds in windows]
     alone = []
     for (ids, embeds), picks in zip(windows, choices):
@@ -409,132 +309,123 @@ def test_step_many_equals_step_for_windows_of_different_lengths(name, conformanc
     assert [s.length for s in states] == [len(ids) + 3 for ids, _ in windows]  # nothing ran
 
 
-class StepBatchRecorder:
-    """A real asyncio Triton client that also notes each pe_llm response's STEP_BATCH."""
-
-    def __init__(self, client) -> None:
-        self.client = client
-        self.step_batches: list[int] = []
-
-    async def infer(self, model_name: str, inputs: list, **kwargs):
-        result = await self.client.infer(model_name, inputs, **kwargs)
-        if model_name == "pe_llm":
-            self.step_batches.append(int(result.as_numpy("STEP_BATCH")[0, 0]))
-        return result
-
-
-async def llm_counts(client) -> tuple[int, int]:
-    """Triton's own statistics for pe_llm, once settled: (requests inferred, model executions).
-
-    The python backend sends a batch's responses before it reports the batch's statistics, so a
-    read right after the last response may still miss that batch: read until two reads agree.
-    """
-    async def read() -> tuple[int, int]:
-        stats = (await client.get_inference_statistics("pe_llm")).model_stats[0]
-        return stats.inference_count, stats.execution_count
-
-    counts = await read()
-    for _ in range(50):
-        await asyncio.sleep(0.1)
-        again = await read()
-        if again == counts:
-            return counts
-        counts = again
-    raise AssertionError(f"pe_llm statistics still changing after 5 s: {counts}")
-
-
 def test_concurrent_windows_rank_as_if_alone_and_share_forward_passes(tritons, conformance_models,
                                                                      prompt_builders, dl19):
+    """Requests ranked at once give the rankings they give alone; pe_llm's step batches (its own metrics)
+    hold several windows; and Triton counts exactly one pe_llm call per window."""
     name = "tiny-a"
     model, _ = conformance_models[name]
-    from pe_rank.core.inprocess import stepper_for
-
     stepper = stepper_for(model)
     requests = []
     for q, n in WIDE_MARGIN_WINDOWS:
         hits = dl19[q]["hits"][:n]
         requests.append(RerankRequest(query=dl19[q]["query"], window_size=20, stride=10,
                                       passages=tuple(Passage(h["docid"], h["content"]) for h in hits)))
-        _, margin = greedy_margins(stepper, *window_inputs(model, prompt_builders[name], dl19, q, n))
+        _, margin = greedy_margins(stepper, *window_inputs_of(model, prompt_builders[name], dl19, q, n))
         assert margin > 10 * BATCH_TOLERANCE, f"query {q}, {n} passages: a near-tie, not comparable"
     url = tritons(name, "torch").grpc_url
+    batches = 'pe_llm_step_batch_size_count{model="pe_llm"}', 'pe_llm_step_batch_size_sum{model="pe_llm"}'
+    calls = 'nv_inference_request_success{model="pe_llm",version="1"}'
 
-    async def rank_all() -> tuple[list[list[str]], list[list[str]], list[int], list[int], tuple[int, int]]:
+    async def rank_all() -> tuple[list[list[str]], list[list[str]], tuple[float, float], float]:
         from tritonclient.grpc.aio import InferenceServerClient
 
         client = InferenceServerClient(url)
         try:
-            def reranker(recorder):
-                return Reranker(TritonEmbedder(client, EmbeddingCache(0), "exact"), TritonStepBackend(recorder),
+            def reranker():
+                return Reranker(TritonEmbedder(client, EmbeddingCache(0), "exact"), TritonWindowBackend(client),
                                 prompt_builders[name])
 
-            alone_rec = StepBatchRecorder(client)
-            alone = [[r.id for r in (await reranker(alone_rec).rerank(req)).ranking] for req in requests]
-            together_rec = StepBatchRecorder(client)
-            before = await llm_counts(client)
-            results = await asyncio.gather(*(reranker(together_rec).rerank(req) for req in requests))
-            after = await llm_counts(client)
+            alone = [[r.id for r in (await reranker().rerank(req)).ranking] for req in requests]
+            before = [metric(tritons, name, series) for series in (*batches, calls)]
+            results = await asyncio.gather(*(reranker().rerank(req) for req in requests))
+            await asyncio.sleep(0.5)
+            after = [metric(tritons, name, series) for series in (*batches, calls)]
             together = [[r.id for r in result.ranking] for result in results]
-            delta = (after[0] - before[0], after[1] - before[1])
-            return alone, together, alone_rec.step_batches, together_rec.step_batches, delta
+            return alone, together, (after[0] - before[0], after[1] - before[1]), after[2] - before[2]
         finally:
             await client.close()
 
-    alone, together, alone_batches, together_batches, (inferred, executions) = asyncio.run(rank_all())
+    alone, together, (steps_run, windows_stepped), llm_calls = asyncio.run(rank_all())
     assert together == alone
-    assert set(alone_batches) <= {0, 1}  # one at a time: never batched (and so bit-exact)
-    assert max(together_batches) > 1, f"pe_llm never batched steps: {together_batches}"
-    assert inferred == len(together_batches) and executions < inferred, (inferred, executions)
+    assert windows_stepped > steps_run > 0, "pe_llm never advanced two windows in one forward"
+    assert llm_calls == len(requests)  # one window each (n <= 20)
 
 
-def test_a_bad_choice_in_a_batch_fails_only_that_request(tritons, clients, conformance_models, prompt_builders, dl19):
-    name = "tiny-a"
-    model, _ = conformance_models[name]
-    llm = Llm(clients(name))
-    windows = [window_inputs(model, prompt_builders[name], dl19, q, n) for q, n in WIDE_MARGIN_WINDOWS[:3]]
-    alone = [llm.run(ids, embeds, [1, 2]) for ids, embeds in windows]
-    baseline = llm.live()
-    url = tritons(name, "torch").grpc_url
+# ---- 7. pe_rank: a whole request as one Triton call
 
-    async def attempt(client) -> bool:
-        """START three windows, then one CHOICE each at once, the middle one out of range."""
-        async def infer(corrid: int, inputs: list, start: bool = False, end: bool = False):
-            result = await client.infer("pe_llm", inputs, sequence_id=corrid, sequence_start=start,
-                                        sequence_end=end, client_timeout=60)
-            return result.as_numpy("SCORES")[0], int(result.as_numpy("STEP_BATCH")[0, 0])
 
-        corrids = [new_corrid() for _ in windows]
-        for corrid, (ids, embeds) in zip(corrids, windows):
-            await infer(corrid, start_inputs(ids, embeds), start=True)
-        before = await llm_counts(client)
-        good_a, bad, good_c = await asyncio.gather(infer(corrids[0], [choice_input(1)]),
-                                                   infer(corrids[1], [choice_input(99)]),
-                                                   infer(corrids[2], [choice_input(1)]), return_exceptions=True)
-        after = await llm_counts(client)
-        assert isinstance(bad, InferenceServerException) and "out of range" in str(bad), bad
-        for (scores, _), want in ((good_a, alone[0][1]), (good_c, alone[2][1])):
-            np.testing.assert_allclose(scores, want, rtol=0, atol=BATCH_TOLERANCE)
-        # the failed CHOICE changed nothing: the middle window goes on as if it never happened
-        for w, corrid in enumerate(corrids):
-            scores, _ = await infer(corrid, [choice_input(1 if w == 1 else 2)], end=True)
-            np.testing.assert_allclose(scores, alone[w][1 if w == 1 else 2], rtol=0, atol=BATCH_TOLERANCE)
-        shared = (after[0] - before[0], after[1] - before[1]) == (3, 1)
-        if shared:
-            assert good_a[1] == good_c[1] == 2  # the two valid steps ran as one forward
-        return shared
+def rank_inputs(case_request: dict, **options) -> list[tclient.InferInput]:
+    inputs = [tensor("QUERY", np.array([case_request["query"].encode()], dtype=np.object_)),
+              tensor("PASSAGES", np.array([p["text"].encode() for p in case_request["passages"]], dtype=np.object_))]
+    for name, value in options.items():
+        if name == "MODE":
+            inputs.append(tensor("MODE", np.array([value.encode()], dtype=np.object_)))
+        else:
+            inputs.append(tensor(name, np.array([value], dtype=np.int32)))
+    return inputs
 
-    async def run() -> list[bool]:
-        from tritonclient.grpc.aio import InferenceServerClient
 
-        client = InferenceServerClient(url)
-        try:
-            outcomes = []
-            while len(outcomes) < 5 and not any(outcomes):  # until the three land in one execute
-                outcomes.append(await attempt(client))
-            return outcomes
-        finally:
-            await client.close()
+@pytest.mark.parametrize("item", conformance_cases(), ids=case_id)
+def test_pe_rank_model_gives_the_conformance_rankings(item, clients):
+    name, _, case = item
+    r = case["request"]
+    result = clients(name).infer("pe_rank", rank_inputs(r, WINDOW_SIZE=r["window_size"], STRIDE=r["stride"]),
+                                 client_timeout=300)
+    assert [r["passages"][i]["id"] for i in result.as_numpy("ORDER")] == case["expected_ranking"]
 
-    outcomes = asyncio.run(run())
-    assert any(outcomes), "the three CHOICE requests never shared a batch"
-    assert llm.live() == baseline
+
+def test_pe_rank_top_n_mode_and_one_llm_call_per_window(tritons, clients, conformance_models, dl19):
+    name = "tiny-b"
+    _, reranker = conformance_models[name]
+    hits = dl19[6]["hits"][:100]
+    request = {"query": dl19[6]["query"], "passages": [{"id": h["docid"], "text": h["content"]} for h in hits]}
+    calls = 'nv_inference_request_success{model="pe_llm",version="1"}'
+    for mode, top_n in (("full", 0), ("full", 10), ("first", 5)):
+        before = metric(tritons, name, calls)
+        order = clients(name).infer("pe_rank", rank_inputs(request, TOP_N=top_n, MODE=mode),
+                                    client_timeout=300).as_numpy("ORDER").tolist()
+        deadline = time.monotonic() + 5
+        while metric(tritons, name, calls) - before < 9 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert metric(tritons, name, calls) - before == 9  # 100 passages at 20/10: nine windows, nine calls
+        want = asyncio.run(reranker.rerank(RerankRequest(
+            query=request["query"], passages=tuple(Passage(p["id"], p["text"]) for p in request["passages"]),
+            mode=Mode(mode), top_n=top_n or None)))
+        assert order == [r.index for r in want.ranking], (mode, top_n)
+
+
+def test_pe_rank_bad_inputs_are_invalid_arguments(clients):
+    client = clients("tiny-a")
+    good = {"query": "fleas", "passages": [{"text": "flea one"}, {"text": "dog"}]}
+    for request, options, field in ((good, {"WINDOW_SIZE": 1}, "window_size"), (good, {"STRIDE": 0}, "stride"),
+                                    (good, {"TOP_N": -1}, "top_n"), (good, {"MODE": "text"}, "MODE"),
+                                    ({**good, "query": " "}, {}, "query"),
+                                    ({**good, "passages": [{"text": ""}]}, {}, "passages[0].text"),
+                                    ({**good, "query": "<PLACEHOLDER>"}, {}, "placeholder")):
+        with pytest.raises(InferenceServerException, match=re.escape(field)) as err:
+            client.infer("pe_rank", rank_inputs(request, **options), client_timeout=60)
+        assert "INVALID_ARG" in str(err.value.status()), err.value
+    assert client.infer("pe_rank", rank_inputs(good), client_timeout=60).as_numpy("ORDER").shape == (2,)
+
+
+def test_pe_rank_requests_do_not_queue_behind_each_other(clients, dl19):
+    """A short request sent while a long one is being ranked is answered first."""
+    client = clients("tiny-a")
+    q = dl19[9]
+    long = {"query": q["query"], "passages": [{"text": h["content"]} for h in q["hits"]] * 3}  # 300: 29 windows
+    short = {"query": q["query"], "passages": [{"text": h["content"]} for h in q["hits"][:3]]}
+    done: list[str] = []
+
+    def run(tag: str, request: dict) -> None:
+        client.infer("pe_rank", rank_inputs(request), client_timeout=300)
+        done.append(tag)
+
+    import threading
+
+    first = threading.Thread(target=run, args=("long", long))
+    first.start()
+    time.sleep(1.0)
+    run("short", short)
+    first.join(timeout=300)
+    assert done == ["short", "long"]

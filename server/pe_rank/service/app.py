@@ -20,14 +20,14 @@ from ..core.reranker import Reranker
 from ..core.tokenization import load_prompt_tokenizer
 from ..core.types import Timings
 from ..core.validation import InvalidRequest, Limits, validate_request
-from ..triton.remote import TritonStepBackend
+from ..triton.remote import TritonWindowBackend
 from ..v1 import ranker_pb2 as pb
 from ..v1 import ranker_pb2_grpc as pb_grpc
 from .cache import EmbeddingCache
 from .convert import request_from_proto, response_to_proto
 from .embedder import TritonEmbedder
 from .metrics import Metrics
-from .pool import REQUIRED_MODELS, NoTritonAvailable, TritonPool
+from .pool import REQUIRED_MODELS, NoTritonAvailable, TritonPool, triton_status
 
 log = logging.getLogger("pe_rank.service")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Ranker"].full_name
@@ -80,15 +80,6 @@ def _max_batch_size(config_pbtxt: Path) -> int:
     """A window is one pe_embed request, so windows may not exceed the encoder's max batch."""
     match = re.search(r"^max_batch_size:\s*(\d+)", config_pbtxt.read_text(), re.MULTILINE)
     return int(match.group(1)) if match else 0
-
-
-def _triton_status(exc: Exception) -> grpc.StatusCode | None:
-    """The gRPC status a tritonclient error carries, if any."""
-    status = str(getattr(exc, "status", lambda: "")() or "")
-    for code in grpc.StatusCode:
-        if status.endswith(code.name):
-            return code
-    return None
 
 
 class RankerService(pb_grpc.RankerServicer):
@@ -144,42 +135,37 @@ class RankerService(pb_grpc.RankerServicer):
         queue_ms = (time.perf_counter() - started) * 1e3
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
-        while True:
-            try:
-                result = await self._rank_on_one_server(req, Timings(queue_ms=queue_ms), deadline)
-                break
-            except _TritonFailure as exc:
-                # windows are sequential and all their state lives on one server: a request whose
-                # server went away can start again from scratch on another ready one
-                if exc.code is not grpc.StatusCode.UNAVAILABLE or not self.pool.serving:
-                    raise
-                log.warning("request %s: %s; retrying on another Triton", request_id, exc.message)
+        result = await self._rank(req, Timings(queue_ms=queue_ms), deadline)
         result.timings.total_ms = (time.perf_counter() - started) * 1e3
         self.metrics.observe(result)
         return response_to_proto(result, request_id)
 
-    async def _rank_on_one_server(self, req, timings: Timings, deadline: float | None):
-        timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-        async with self.pool.acquire() as server:
-            embedder = TritonEmbedder(server.client, self.cache, self.config.embedding_mode,
-                                      batch=self.repo.max_batch or 64)
-            reranker = Reranker(embedder, TritonStepBackend(server.client), self.repo.prompts)
-            try:
-                return await asyncio.wait_for(reranker.rerank(req, timings), timeout)
-            except ValueError as exc:  # e.g. a query holding the placeholder token's text
-                raise InvalidRequest("query", str(exc)) from None
-            except asyncio.TimeoutError:
-                raise
-            except Exception as exc:
-                raise self._triton_failure(server, exc) from exc
+    async def _rank(self, req, timings: Timings, deadline: float | None):
+        """Embeddings and windows through Triton: one pe_llm call per window, any ready Triton each time.
 
-    def _triton_failure(self, server, exc: Exception) -> Exception:
-        code = _triton_status(exc)
+        Cancellation (the client left) cancels this coroutine, and with it the Triton call in
+        flight, which makes pe_llm drop the window at its next step; later windows are never sent.
+        """
+        timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        client = self.pool.acquire()
+        embedder = TritonEmbedder(client, self.cache, self.config.embedding_mode, batch=self.repo.max_batch or 64)
+        reranker = Reranker(embedder, TritonWindowBackend(client, deadline), self.repo.prompts)
+        try:
+            return await asyncio.wait_for(reranker.rerank(req, timings), timeout)
+        except ValueError as exc:  # e.g. a query holding the placeholder token's text
+            raise InvalidRequest("query", str(exc)) from None
+        except (asyncio.TimeoutError, TimeoutError):
+            raise asyncio.TimeoutError() from None
+        except Exception as exc:
+            raise self._triton_failure(exc) from exc
+
+    def _triton_failure(self, exc: Exception) -> Exception:
+        code = triton_status(exc)
         if code is None:
             return exc
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-            self.pool.mark_down(server, str(exc)[:200])
-            return _TritonFailure(grpc.StatusCode.UNAVAILABLE, f"Triton at {server.url} is unavailable")
+            self.pool.mark_down(str(exc)[:200])
+            return _TritonFailure(grpc.StatusCode.UNAVAILABLE, "no Triton could take the request")
         if code is grpc.StatusCode.DEADLINE_EXCEEDED:
             return asyncio.TimeoutError()
         return _TritonFailure(grpc.StatusCode.INTERNAL, f"Triton error: {exc}")

@@ -1,33 +1,86 @@
-"""Several Triton servers behind one service: least in-flight choice, health polling.
+"""Every Triton behind one gRPC channel: windows are spread by gRPC's own round_robin, no pinning.
 
-A request takes one server for its whole life, so every window's sequence stays on the
-server that started it. A server that fails a call or a readiness poll is marked down
-and comes back by itself when it answers ready again.
+A window is one stateless pe_llm call, so any ready Triton can take any window of any
+request. The channel's target lists every address (``ipv4:a:p,b:q``), or is one DNS name
+that resolves to several (a Kubernetes headless Service); gRPC's ``round_robin`` policy
+sends each call to the next READY server and skips broken connections. A call that still
+fails UNAVAILABLE (its server died mid-call) is tried again, so a request survives losing a
+Triton while another is ready. Readiness (server live, every model ready) is polled per
+configured address for the health service.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
+from typing import Callable
+
+import grpc
 
 log = logging.getLogger("pe_rank.pool")
 
 REQUIRED_MODELS = ("pe_tokenizer", "pe_encoder", "pe_projector", "pe_embed", "pe_llm")
 _CHANNEL_ARGS = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)]
+_BALANCED = [*_CHANNEL_ARGS, ("grpc.lb_policy_name", "round_robin")]
 
 
 class NoTritonAvailable(RuntimeError):
     pass
 
 
+def triton_status(exc: BaseException) -> grpc.StatusCode | None:
+    """The gRPC status a tritonclient error carries, if any."""
+    status = str(getattr(exc, "status", lambda: "")() or "")
+    for code in grpc.StatusCode:
+        if status.endswith(code.name):
+            return code
+    return None
+
+
+def balanced_target(urls: list[str]) -> str:
+    """One gRPC target for every Triton: the URL itself when there is one, else ``ipv4:``/``ipv6:`` lists."""
+    if len(urls) == 1:
+        return urls[0]
+    hosts = []
+    for url in urls:
+        host, _, port = url.rpartition(":")
+        host = "127.0.0.1" if host == "localhost" else host.strip("[]")
+        try:
+            hosts.append((ipaddress.ip_address(host), port))
+        except ValueError:
+            raise ValueError(f"--triton-url {url}: several Tritons must be given as IP:PORT; for host names give "
+                             "one DNS name that resolves to every Triton (e.g. dns:///triton-headless:8001)") from None
+    if len({ip.version for ip, _ in hosts}) > 1:
+        raise ValueError("--triton-url: mix of IPv4 and IPv6 addresses; use one family")
+    if hosts[0][0].version == 4:
+        return "ipv4:" + ",".join(f"{ip}:{port}" for ip, port in hosts)
+    return "ipv6:" + ",".join(f"[{ip}]:{port}" for ip, port in hosts)
+
+
+class FailoverClient:
+    """The balanced tritonclient, trying a call again when its Triton was unavailable."""
+
+    def __init__(self, client, retries: int = 2, backoff_s: float = 0.05) -> None:
+        self.client, self.retries, self.backoff_s = client, retries, backoff_s
+
+    async def infer(self, model_name: str, inputs: list, **kwargs):
+        for attempt in range(self.retries + 1):
+            try:
+                return await self.client.infer(model_name, inputs, **kwargs)
+            except Exception as exc:
+                if attempt == self.retries or triton_status(exc) is not grpc.StatusCode.UNAVAILABLE:
+                    raise
+                log.warning("%s call: Triton unavailable; retrying on another Triton", model_name)
+                await asyncio.sleep(self.backoff_s * 2**attempt)
+
+
 @dataclass
 class TritonServerState:
     url: str
-    client: object
+    client: object  # for readiness probes of this one address
     healthy: bool = False
-    in_flight: int = 0
     last_error: str = ""
 
 
@@ -41,6 +94,8 @@ class TritonPool:
     def __post_init__(self) -> None:
         import tritonclient.grpc.aio as grpcclient
 
+        self.target = balanced_target(self.urls)
+        self.client = FailoverClient(grpcclient.InferenceServerClient(self.target, channel_args=_BALANCED))
         self.servers = [TritonServerState(u, grpcclient.InferenceServerClient(u, channel_args=_CHANNEL_ARGS))
                         for u in self.urls]
         self._task: asyncio.Task | None = None
@@ -58,30 +113,21 @@ class TritonPool:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        await self.client.client.close()
         for server in self.servers:
             await server.client.close()
 
-    @contextlib.asynccontextmanager
-    async def acquire(self) -> AsyncIterator[TritonServerState]:
-        """The healthy server with the fewest requests in flight, held for one request."""
-        candidates = [s for s in self.servers if s.healthy]
-        if not candidates:
+    def acquire(self) -> FailoverClient:
+        """The balanced client, if any Triton is ready."""
+        if not self.serving:
             raise NoTritonAvailable("no Triton server is ready: " + "; ".join(
                 f"{s.url}: {s.last_error or 'not ready'}" for s in self.servers))
-        server = min(candidates, key=lambda s: s.in_flight)
-        server.in_flight += 1
-        try:
-            yield server
-        finally:
-            server.in_flight -= 1
+        return self.client
 
-    def mark_down(self, server: TritonServerState, reason: str) -> None:
-        was = self.serving
-        if server.healthy:
-            log.warning("Triton %s marked down: %s", server.url, reason)
-        server.healthy, server.last_error = False, reason
-        if was != self.serving:
-            self.on_health_change(self.serving)
+    def mark_down(self, reason: str) -> None:
+        """After a call failed UNAVAILABLE on every try: check every server now, not at the next poll."""
+        log.warning("Triton unavailable: %s", reason)
+        asyncio.get_running_loop().create_task(self.refresh())
 
     async def refresh(self) -> None:
         was = self.serving
