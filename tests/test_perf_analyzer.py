@@ -50,17 +50,17 @@ def test_input_files_from_the_triton_under_test(tritons, exported, tmp_path):
     repo = exported("tiny-a")
     info = read_checkpoint_info(repo / "pe_llm" / "1" / "checkpoint")
     inputs = write_inputs(repo, tritons("tiny-a").grpc_url, DATA / "bm25_dl19.json.gz", queries=2, window=5,
-                          out=tmp_path)
+                          out=tmp_path, rank_passages=30)
     data = {model: json.loads(path.read_text())["data"] for model, path in inputs.files.items()}
     assert [d["TEXT"]["shape"] for d in data["pe_embed"]] == [[5], [5]]
     assert len(data["pe_projector"]) == 10
     assert {tuple(d["ENCODER_EMBEDDING"]["shape"]) for d in data["pe_projector"]} == {(info.embedding_size,)}
-    assert len(data["pe_llm"]) == 2  # one sequence (window) per query
-    start, *steps = data["pe_llm"][0]
-    assert start["PASSAGE_EMBEDS"]["shape"] == [5, info.hidden_size]
-    assert start["PROMPT_IDS"]["shape"] == [inputs.prompt_tokens]
-    assert [s["CHOICE"]["content"] for s in steps] == [[0], [1], [2]]
-    assert inputs.sequence_length == 1 + len(steps)
+    assert len(data["pe_llm"]) == 2  # one window request per query
+    window = data["pe_llm"][0]
+    assert window["PASSAGE_EMBEDS"]["shape"] == [5, info.hidden_size]
+    assert window["PROMPT_IDS"]["shape"] == [inputs.prompt_tokens]
+    assert [d["PASSAGES"]["shape"] for d in data["pe_rank"]] == [[30], [30]]
+    assert [len(d["QUERY"]["content"]) for d in data["pe_rank"]] == [1, 1]
 
 
 @pytest.mark.triton
@@ -69,10 +69,11 @@ def test_load_test_end_to_end(tritons, exported, tmp_path):
     out = tmp_path / "results"
     assert cli_main(["--repository", str(exported("tiny-a")), "--triton-url", tritons("tiny-a").grpc_url,
                      "--concurrency", "1,2", "--queries", "2", "--window", "5", "--out", str(out),
-                     "--cache", str(tmp_path / "cache"), "--perf-analyzer", str(INSTALLED)]) == 0
+                     "--cache", str(tmp_path / "cache"), "--perf-analyzer", str(INSTALLED),
+                     "--rank-passages", "30"]) == 0
     (report,) = out.glob("*-perf_analyzer.json")
     result = json.loads(report.read_text())
-    assert list(result["models"]) == ["pe_embed", "pe_projector", "pe_llm"]
+    assert list(result["models"]) == ["pe_embed", "pe_projector", "pe_llm", "pe_rank"]
     assert result["machine"]["cores"] and result["commit"] and result["triton"]
     for model, entry in result["models"].items():
         assert set(entry["levels"]) == {"1", "2"}, model
@@ -82,8 +83,8 @@ def test_load_test_end_to_end(tritons, exported, tmp_path):
         rows = (out / entry["csv"]).read_text().splitlines()
         assert rows[0].startswith("Concurrency,Inferences/Second") and len(rows) == 3, model
     llm = result["models"]["pe_llm"]["levels"]["2"]
-    assert llm["requests"] == 2 * 4 and llm["start_p50_ms"] > 0 and llm["choice_p50_ms"] > 0
+    assert llm["requests"] == 2 * 2 and result["models"]["pe_rank"]["levels"]["2"]["requests"] == 2
     assert result["models"]["pe_projector"]["levels"]["1"]["items_per_s"] == pytest.approx(
         5 * result["models"]["pe_projector"]["levels"]["1"]["requests_per_s"])
     markdown = report.with_suffix(".md").read_text()
-    assert "## pe_llm" in markdown and "| 2 |" in markdown
+    assert "## pe_llm" in markdown and "## pe_rank" in markdown and "| 2 |" in markdown

@@ -1,13 +1,13 @@
-"""``pe-rank perf-analyzer``: Triton's own load generator against pe_embed, pe_projector and pe_llm.
+"""``pe-rank perf-analyzer``: Triton's own load generator against pe_embed, pe_projector, pe_llm and pe_rank.
 
 ``pe-rank bench`` times the whole service. This measures the Triton models alone, as
 perf_analyzer sees them over gRPC on loopback, with a fixed number of requests per
 concurrency level (``--request-count``: bounded, no stability search). The input data are
 real. pe_embed gets DL19 BM25 windows as TEXT. pe_projector gets their encoder embeddings,
 and pe_llm their projections, both as the Triton under test returns them from pe_embed.
-pe_llm's PROMPT_IDS come from the repository's own prompt tokenizer. pe_llm runs as a
-sequence model: one sequence is one full-mode window (START, then CHOICE steps, END on
-the last), with one step in flight per sequence, as the server sends them.
+pe_llm's PROMPT_IDS come from the repository's own prompt tokenizer; one request is one
+full-mode window, as the server sends them. pe_rank gets whole DL19 requests (query and
+the top-``--rank-passages`` BM25 texts), ranked inside Triton.
 
 perf-analyzer 2.60 exists only as a manylinux_2_38 wheel. On an older glibc (Debian 12 has
 2.36) it runs through the dynamic loader of a newer Debian's libc. ``install`` gets the
@@ -46,7 +46,7 @@ DEBIAN_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")  # bookw
 RUNTIME_PACKAGES = ("libc6", "libstdc++6", "libgcc-s1")
 LIBDIR = "usr/lib/x86_64-linux-gnu"
 DEFAULT_CACHE = Path("bench/perf_analyzer/cache")
-MODELS = ("pe_embed", "pe_projector", "pe_llm")
+MODELS = ("pe_embed", "pe_projector", "pe_llm", "pe_rank")
 
 Log = Callable[[str], None]
 
@@ -206,7 +206,6 @@ class Inputs:
     files: dict[str, Path]  # model -> perf_analyzer --input-data JSON
     window: int  # passages per pe_embed request, pe_projector batch, pe_llm window
     prompt_tokens: int  # of the first query's window prompt
-    sequence_length: int  # pe_llm requests per sequence: START + window - 2 CHOICE steps
 
 
 def _tensor(array: np.ndarray) -> dict:
@@ -215,24 +214,26 @@ def _tensor(array: np.ndarray) -> dict:
 
 async def _embed_windows(url: str, windows: list[list[str]], warm_prompt: np.ndarray | None
                          ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """pe_embed on every window (real model outputs), then one START+END on pe_llm to warm it up."""
+    """pe_embed on every window (real model outputs), then one first-mode window on pe_llm to warm it up."""
     from tritonclient.grpc.aio import InferenceServerClient
 
-    from .triton.remote import TritonStepBackend, embed_texts
+    from .core.ranker import WindowJob
+    from .core.types import Mode
+    from .triton.remote import TritonWindowBackend, embed_texts
 
     client = InferenceServerClient(url)
     try:
         outputs = [await embed_texts(client, texts) for texts in windows]
         if warm_prompt is not None:
-            await TritonStepBackend(client).session().start(warm_prompt, outputs[0][0], last=True)
+            await TritonWindowBackend(client).rank_window(WindowJob(warm_prompt, outputs[0][0], Mode.FIRST))
         return outputs
     finally:
         await client.close()
 
 
 def write_inputs(repository: Path, url: str, data: Path, queries: int, window: int, out: Path,
-                 with_llm: bool = True) -> Inputs:
-    """perf_analyzer input files for the three models, checked against the repository's sizes."""
+                 with_llm: bool = True, rank_passages: int = 100) -> Inputs:
+    """perf_analyzer input files for the four models, checked against the repository's sizes."""
     from .evaluation import load_rankllm
     from .service.app import RepositoryView
 
@@ -253,19 +254,20 @@ def write_inputs(repository: Path, url: str, data: Path, queries: int, window: i
         "pe_embed": [{"TEXT": {"content": texts, "shape": [len(texts)]}} for texts in windows],
         # one entry per passage: the model batches (max_batch_size > 0) and -b stacks `window` of them
         "pe_projector": [{"ENCODER_EMBEDDING": _tensor(row)} for _, encoded in embedded for row in encoded],
-        # one stream per window; perf_analyzer sets START on the first step and END on the last. A step
-        # costs the same whichever passage it feeds, so CHOICE follows the first-stage order. Shapes carry
-        # no batch dim: right for max_batch_size 0, and perf_analyzer adds [1, ...] should pe_llm batch.
-        "pe_llm": [[{"PROMPT_IDS": _tensor(ids), "PASSAGE_EMBEDS": _tensor(projected)},
-                    *({"CHOICE": _tensor(np.array([i], dtype=np.int64))} for i in range(window - 2))]
+        # one request per window, decoded whole (full mode) by pe_llm's engine
+        "pe_llm": [{"PROMPT_IDS": _tensor(ids), "PASSAGE_EMBEDS": _tensor(projected)}
                    for ids, (projected, _) in zip(prompts, embedded)],
+        # one request per query: its top BM25 texts, ranked inside Triton with the default 20/10 windows
+        "pe_rank": [{"QUERY": {"content": [q.text], "shape": [1]},
+                     "PASSAGES": {"content": [h.content for h in q.hits[:rank_passages]],
+                                  "shape": [len(q.hits[:rank_passages])]}} for q in items],
     }
     out.mkdir(parents=True, exist_ok=True)
     files = {}
     for model, stream in streams.items():
         files[model] = out / f"{model}.json"
         files[model].write_text(json.dumps({"data": stream}))
-    return Inputs(files, window, len(prompts[0]), window - 1)
+    return Inputs(files, window, len(prompts[0]))
 
 
 # ---- load tests
@@ -276,7 +278,6 @@ class Load:
     model: str
     batch: int  # items per request (-b); 1 for models without a batch dimension
     requests_per_client: int  # at every concurrency level
-    sequence_length: int = 0  # > 0: a sequence model, requests_per_client counts whole sequences
 
 
 def _steps(url: str, model: str) -> list[str]:
@@ -331,26 +332,11 @@ def _percentile_ms(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) / 1e6 if values else None
 
 
-def _sequence_steps(profile: Path) -> dict[str, float | None]:
-    """START and CHOICE latencies apart, from perf_analyzer's per-request export."""
-    starts, steps = [], []
-    for experiment in json.loads(profile.read_text())["experiments"]:
-        for request in experiment["requests"]:
-            if not request.get("response_timestamps"):
-                continue
-            ns = request["response_timestamps"][-1] - request["timestamp"]
-            (starts if "PROMPT_IDS" in request.get("request_inputs", {}) else steps).append(ns)
-    return {"start_p50_ms": _percentile_ms(starts, 50), "choice_p50_ms": _percentile_ms(steps, 50),
-            "choice_p95_ms": _percentile_ms(steps, 95)}
-
-
 def _level(row: dict[str, str], load: Load) -> dict:
     """One perf_analyzer CSV row in ms and requests/s; latencies are per request, client side."""
     per_s = float(row["Inferences/Second"]) / load.batch
     level = {"requests_per_s": per_s, "items_per_s": float(row["Inferences/Second"]),
              **{f"{p}_ms": float(row[f"{p} latency"]) / 1e3 for p in ("p50", "p90", "p95", "p99")}}
-    if load.sequence_length:
-        level["sequences_per_s"] = per_s / load.sequence_length
     return level
 
 
@@ -361,14 +347,11 @@ def run_load(program: Path, url: str, load: Load, input_file: Path, concurrency:
     header, rows = "", []
     steps = _steps(url, load.model)
     for clients in concurrency:
-        count = load.requests_per_client * clients * (load.sequence_length or 1)
-        report, profile = work / f"{load.model}-{clients}.csv", work / f"{load.model}-{clients}.profile.json"
+        count = load.requests_per_client * clients
+        report = work / f"{load.model}-{clients}.csv"
         cmd = [str(program), "-i", "grpc", "-u", url, "-m", load.model, "--input-data", str(input_file),
-               "--concurrency-range", str(clients), "--request-count", str(count), "-f", str(report)]
-        if load.sequence_length:  # one step in flight per sequence, as the server sends them
-            cmd += ["--serial-sequences", "--profile-export-file", str(profile)]
-        else:
-            cmd += ["-b", str(load.batch), "--warmup-request-count", str(clients)]
+               "--concurrency-range", str(clients), "--request-count", str(count), "-f", str(report),
+               "-b", str(load.batch), "--warmup-request-count", str(clients)]
         before = _stats(url, steps)
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
@@ -383,8 +366,6 @@ def run_load(program: Path, url: str, load: Load, input_file: Path, concurrency:
         header, rows = lines[0], rows + lines[1:]
         row = next(csv.DictReader(lines))
         levels[str(clients)] = {"requests": count, **_level(row, load), **_server(before, _stats(url, steps))}
-        if load.sequence_length:
-            levels[str(clients)].update(_sequence_steps(profile))
     return levels, "\n".join([header, *rows]) + "\n"
 
 
@@ -392,7 +373,8 @@ def loads(window: int, rounds: int) -> dict[str, Load]:
     """Requests per client at each level: enough for percentiles, few enough for a 2-core CPU."""
     return {"pe_embed": Load("pe_embed", 1, 4 * rounds),
             "pe_projector": Load("pe_projector", window, 50 * rounds),
-            "pe_llm": Load("pe_llm", 1, rounds, sequence_length=window - 1)}
+            "pe_llm": Load("pe_llm", 1, 2 * rounds),
+            "pe_rank": Load("pe_rank", 1, rounds)}
 
 
 # ---- report
@@ -402,9 +384,11 @@ DESCRIPTIONS = {
     "pe_embed": ("one request = one window of {window} DL19 passage texts. Server times and requests/execution "
                  "come from the ensemble's steps (tokenizer / encoder / projector)"),
     "pe_projector": "one request = {window} encoder embeddings (`-b {window}`); dynamic batching may merge requests",
-    "pe_llm": ("one sequence = one full-mode window: START (prefill of {prompt_tokens} prompt tokens with {window} "
-               "passage embeddings), then {steps} CHOICE steps, END on the last; one step in flight per sequence "
-               "(`--serial-sequences`). Latency columns are per request, START and CHOICE mixed"),
+    "pe_llm": ("one request = one full-mode window: prefill of {prompt_tokens} prompt tokens with {window} passage "
+               "embeddings, then {steps} decode steps, batched with every other live window by pe_llm's engine"),
+    "pe_rank": ("one request = one whole DL19 query: its top-{rank_passages} BM25 texts ranked inside Triton "
+                "(20/10 windows, each one pe_embed and one pe_llm call through BLS). Server times are pe_rank's own "
+                "and so include waiting for its BLS calls"),
 }
 
 
@@ -420,22 +404,16 @@ def report_markdown(result: dict) -> str:
              "compute are Triton's statistics, mean per request; requests/execution > 1 means Triton batched "
              "requests together.", ""]
     for model, entry in result["models"].items():
-        sequence = model == "pe_llm"
-        lines += [f"## {model}", "", DESCRIPTIONS[model].format(window=s["window"], prompt_tokens=s["prompt_tokens"],
-                                                                 steps=s["window"] - 2) + ".", ""]
+        lines += [f"## {model}", "", DESCRIPTIONS[model].format(
+            window=s["window"], prompt_tokens=s["prompt_tokens"], steps=s["window"] - 2,
+            rank_passages=s.get("rank_passages", 100)) + ".", ""]
         head = ["clients", "requests", "requests/s", "p50 ms", "p95 ms", "p99 ms", "server queue ms",
                 "server compute ms", "requests/execution"]
-        if sequence:
-            head += ["windows/s", "START p50 ms", "CHOICE p50 ms", "CHOICE p95 ms"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for clients, v in entry["levels"].items():
             cells = [clients, str(v["requests"]), f"{v['requests_per_s']:.2f}", *(f"{v[k]:.0f}" for k in (
                 "p50_ms", "p95_ms", "p99_ms", "server_queue_ms", "server_compute_ms")),
                 " / ".join(f"{r:.2f}" if r else "-" for r in v["requests_per_execution"].values())]
-            if sequence:
-                cells += [f"{v['sequences_per_s']:.3f}",
-                          *(f"{v[k]:.0f}" if v[k] is not None else "-" for k in
-                            ("start_p50_ms", "choice_p50_ms", "choice_p95_ms"))]
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", f"perf_analyzer's CSV: `{entry['csv']}`", ""]
     return "\n".join(lines)
@@ -469,10 +447,11 @@ def run(args: argparse.Namespace, program: Path, url: str) -> dict:
     if not concurrency or min(concurrency) < 1 or args.rounds < 1 or args.queries < 1:
         raise PerfAnalyzerError("--concurrency must list positive integers; --rounds and --queries must be >= 1")
     inputs = write_inputs(args.repository, url, args.data, args.queries, args.window, args.cache / "inputs",
-                          with_llm="pe_llm" in models)
+                          with_llm="pe_llm" in models, rank_passages=args.rank_passages)
     stem = result_stem(args.out, "perf_analyzer")
     result: dict = {"settings": {"queries": args.queries, "window": args.window, "concurrency": concurrency,
                                  "rounds": args.rounds, "prompt_tokens": inputs.prompt_tokens,
+                                 "rank_passages": args.rank_passages,
                                  "data": str(args.data)},
                     "perf_analyzer": PA_VERSION, "triton": _triton_version(url), "repository": str(args.repository),
                     "models": {}}
@@ -483,8 +462,7 @@ def run(args: argparse.Namespace, program: Path, url: str) -> dict:
             levels, table = run_load(program, url, load, inputs.files[model], concurrency, Path(work), args.timeout)
             csv_path = stem.parent / f"{stem.name}-{model}.csv"
             csv_path.write_text(table)
-            result["models"][model] = {"batch": load.batch, "sequence_length": load.sequence_length,
-                                       "csv": csv_path.name, "levels": levels}
+            result["models"][model] = {"batch": load.batch, "csv": csv_path.name, "levels": levels}
     result.update(machine=machine_info(), commit=git_commit())
     Path(f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     Path(f"{stem}.md").write_text(report_markdown(result))
@@ -501,7 +479,8 @@ def cli_main(argv: list[str]) -> int:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--concurrency", default="1,2,4")
     parser.add_argument("--rounds", type=int, default=1, help="scales the requests per client (pe_embed 4, "
-                        "pe_projector 50, pe_llm 1 sequence, each times rounds)")
+                        "pe_projector 50, pe_llm 2 windows, pe_rank 1 query, each times rounds)")
+    parser.add_argument("--rank-passages", type=int, default=100, help="passages per pe_rank request")
     parser.add_argument("--queries", type=int, default=5, help="DL19 queries whose windows make the input data")
     parser.add_argument("--window", type=int, default=20, help="passages per window")
     parser.add_argument("--data", type=Path, default=Path("tests/data/bm25_dl19.json.gz"))
