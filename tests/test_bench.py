@@ -28,6 +28,8 @@ def test_bench_reports_ratios_percentiles_quality_and_plots(tmp_path):
     assert variants["pe_rank_top10"]["decode_steps_mean"] < variants["pe_rank_full"]["decode_steps_mean"]
     assert variants["server_full"]["decode_steps_mean"] == variants["pe_rank_full"]["decode_steps_mean"]
     assert set(result["concurrency"]) == {"1", "2"} and result["machine"]["cores"]
+    assert result["llm_calls_per_query"] == 1  # top-20: one window, one pe_llm call (Triton's own counter)
+    assert all(v["mean_step_batch"] >= 1 for v in result["concurrency"].values())
 
     # NDCG@10 of every variant, on the queries it ranked; the server ranks exactly like in-process full
     for name, v in variants.items():

@@ -119,7 +119,7 @@ class _Service:
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.target = f"127.0.0.1:{port}"
         _wait_serving(self.target, self.server)
-        return self.target
+        return self
 
     def __exit__(self, *exc) -> None:
         self.server.terminate()
@@ -147,17 +147,43 @@ def _wait_serving(target: str, process: subprocess.Popen, timeout: float = 300) 
     raise RuntimeError("pe-rank serve did not become SERVING")
 
 
-async def _through_server(target: str, queries: list[Query], top_k: int, runs: dict, concurrency: list[int]) -> dict:
+def triton_counters(metrics_port: int) -> dict[str, float]:
+    """pe_llm's calls (Triton's own counter) and its engine's step-batch histogram, from Triton's /metrics."""
+    import urllib.request
+
+    wanted = {'nv_inference_request_success{model="pe_llm",version="1"}': "llm_calls",
+              'pe_llm_step_batch_size_sum{model="pe_llm"}': "batch_sum",
+              'pe_llm_step_batch_size_count{model="pe_llm"}': "batch_count"}
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as page:
+        lines = page.read().decode().splitlines()
+    values = {name: 0.0 for name in wanted.values()}
+    for line in lines:
+        key, _, value = line.rpartition(" ")
+        if key in wanted:
+            values[wanted[key]] = float(value)
+    return values
+
+
+async def _through_server(service: "_Service", queries: list[Query], top_k: int, runs: dict,
+                          concurrency: list[int]) -> tuple[dict, float]:
+    """Single-client runs, then the concurrency sweep; returns (sweep, pe_llm calls per query)."""
     from .client import AsyncRankerClient
 
     sweep = {}
     requests = [to_request(q, top_k) for q in queries]
-    async with AsyncRankerClient(target) as client:
+
+    def counters() -> dict[str, float]:
+        return triton_counters(service.triton.metrics_port)
+
+    async with AsyncRankerClient(service.target) as client:
         await client.rerank(requests[0])  # warm-up
+        before = counters()
         for query, request in zip(queries, requests):
             ms, response = await _timed(client.rerank(request))
             _record(runs, "server_full", ms, response.metadata.prompt_tokens, response.metadata.decode_steps,
                     query, [r.index for r in response.ranks], top_k)
+        await asyncio.sleep(0.5)  # the python backend reports a request's statistics after its response
+        llm_calls_per_query = (counters()["llm_calls"] - before["llm_calls"]) / len(requests)
         for clients in concurrency:
             jobs = [requests[i % len(requests)] for i in range(max(clients * 2, len(requests)))]
             queue: asyncio.Queue = asyncio.Queue()
@@ -170,11 +196,16 @@ async def _through_server(target: str, queries: list[Query], top_k: int, runs: d
                     ms, _ = await _timed(client.rerank(queue.get_nowait()))
                     latencies.append(ms)
 
+            before = counters()
             t0 = time.perf_counter()
             await asyncio.gather(*(worker() for _ in range(clients)))
             wall = time.perf_counter() - t0
-            sweep[str(clients)] = {"throughput_qps": len(jobs) / wall, **_percentiles(latencies)}
-    return sweep
+            after = counters()
+            steps = after["batch_count"] - before["batch_count"]
+            sweep[str(clients)] = {"throughput_qps": len(jobs) / wall, **_percentiles(latencies),
+                                   "mean_step_batch": (after["batch_sum"] - before["batch_sum"]) / steps
+                                   if steps else None}
+    return sweep, llm_calls_per_query
 
 
 def _median(runs: dict, name: str) -> float | None:
@@ -202,9 +233,10 @@ async def run_bench(checkpoint: Path, data: Path, queries: int, top_k: int, text
     runs: dict = {}
     await _in_process(model, reranker, items, top_k, runs, text_queries)
     sweep: dict = {}
+    llm_calls_per_query = None
     if with_server:
-        with _Service(checkpoint) as target:
-            sweep = await _through_server(target, items, top_k, runs, concurrency)
+        with _Service(checkpoint) as service:
+            sweep, llm_calls_per_query = await _through_server(service, items, top_k, runs, concurrency)
     full = _median(runs, "pe_rank_full")
     qps = {int(k): v["throughput_qps"] for k, v in sweep.items()}
     top = max(qps) if qps else None
@@ -227,6 +259,7 @@ async def run_bench(checkpoint: Path, data: Path, queries: int, top_k: int, text
         "server_over_in_process": _ratio(_median(runs, "server_full"), full),
         "top10_over_full": _ratio(_median(runs, "pe_rank_top10"), full),
         "first_over_full": _ratio(_median(runs, "pe_rank_first"), full),
+        "llm_calls_per_query": llm_calls_per_query,
         f"throughput_{8 if 8 in qps else top}_over_1": _ratio(qps.get(8, qps.get(top)), qps.get(1)),
     }
 
@@ -247,9 +280,15 @@ def report_markdown(result: dict) -> str:
         first = result["first_stage"]
         lines += ["", f"First-stage order on the same queries: {QUALITY} {first[QUALITY]:.4f} "
                       f"({first['judged_queries']} judged queries)."]
-    lines += ["", "| clients | queries/s | p50 ms | p95 ms |", "|---|---|---|---|"]
+    lines += ["", "| clients | queries/s | p50 ms | p95 ms | mean step batch |", "|---|---|---|---|---|"]
     for clients, v in result["concurrency"].items():
-        lines.append(f"| {clients} | {v['throughput_qps']:.2f} | {v['p50']:.0f} | {v['p95']:.0f} |")
+        batch = v.get("mean_step_batch")
+        lines.append(f"| {clients} | {v['throughput_qps']:.2f} | {v['p50']:.0f} | {v['p95']:.0f} | "
+                     f"{batch:.2f} |" if batch else f"| {clients} | {v['throughput_qps']:.2f} | {v['p50']:.0f} | "
+                     f"{v['p95']:.0f} | - |")
+    if result.get("llm_calls_per_query") is not None:
+        lines += ["", f"pe_llm calls per query (Triton's counter): {result['llm_calls_per_query']:.1f} "
+                      f"({result['settings']['top_k']} passages, 20/10 windows)."]
     lines += ["", "Ratios of medians measured in this run:", ""]
     lines += [f"- {k}: {v:.2f}" for k, v in result.items() if k.endswith(("_over_1", "_over_full", "_over_pe_rank",
                                                                           "_over_in_process")) and v]
