@@ -102,3 +102,28 @@ def tritons(exported):
     yield get
     for server in running.values():
         server.stop()
+
+
+# ---- helpers shared by the engine, Triton and server tests
+
+
+def decode_alone(stepper, job) -> tuple[list[int], int]:
+    """A window decoded in this process with plain start/step calls, no engine: (order, decode steps)."""
+    from pe_rank.core.ranker import WindowDecoder
+
+    decoder = WindowDecoder(len(job.embeds), job.mode, job.emit)
+    state, scores = stepper.start(job.prompt_ids, job.embeds)
+    while (pick := decoder.feed(scores)) is not None:
+        scores = stepper.step(state, pick)
+    return decoder.order, decoder.decode_steps
+
+
+def triton_metric(triton, series: str) -> float:
+    """One series of a Triton's /metrics (0 when absent), e.g. 'pe_llm_live_windows{model="pe_llm"}'."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{triton.metrics_port}/metrics") as page:
+        for line in page.read().decode().splitlines():
+            if line.startswith(series + " "):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0

@@ -7,10 +7,10 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import CONFORMANCE
+from conftest import CONFORMANCE, decode_alone
 from pe_rank.core.engine import DecodeEngine, EngineBackend, EngineClosed, WindowCancelled
 from pe_rank.core.inprocess import load_in_process, stepper_for
-from pe_rank.core.ranker import WindowDecoder, WindowJob
+from pe_rank.core.ranker import WindowJob
 from pe_rank.core.types import Mode
 
 # tiny-a windows (DL19 query, passages) whose every greedy decision is won by more than batched-GEMM noise
@@ -26,15 +26,6 @@ def job_of(model, dl19, query: int, n: int, mode: Mode = Mode.FULL, emit: int = 
     texts = [h["content"] for h in dl19[query]["hits"][:n]]
     ids, _ = model.prompts.build(dl19[query]["query"], n)
     return WindowJob(np.asarray(ids), model.project(model.encode(texts)), mode, emit)
-
-
-def alone(stepper, job: WindowJob) -> tuple[list[int], int]:
-    """The window decoded with plain start/step calls, no engine: (order, decode steps)."""
-    decoder = WindowDecoder(len(job.embeds), job.mode, job.emit)
-    state, scores = stepper.start(job.prompt_ids, job.embeds)
-    while (pick := decoder.feed(scores)) is not None:
-        scores = stepper.step(state, pick)
-    return decoder.order, decoder.decode_steps
 
 
 class Recorder:
@@ -65,7 +56,7 @@ def run_all(engine: DecodeEngine, jobs: list[WindowJob]):
 def test_concurrent_windows_decode_as_alone_in_shared_steps(model, dl19, mode, emit):
     stepper = stepper_for(model)
     jobs = [job_of(model, dl19, q, n, mode, emit) for q, n in WIDE_MARGIN_WINDOWS]
-    want = [alone(stepper, job) for job in jobs]
+    want = [decode_alone(stepper, job) for job in jobs]
     recorder = Recorder()
     engine = DecodeEngine(stepper, observer=recorder)
     try:
@@ -91,7 +82,7 @@ def test_more_windows_than_slots_all_complete(model, dl19):
         outcomes = run_all(engine, jobs)
     finally:
         engine.close()
-    assert [o.order for o in outcomes] == [alone(stepper, job)[0] for job in jobs]
+    assert [o.order for o in outcomes] == [decode_alone(stepper, job)[0] for job in jobs]
     assert max(recorder.live) <= 2 and max(recorder.batches) == 2
 
 
@@ -106,7 +97,7 @@ def test_a_failing_window_fails_alone(model, dl19):
     finally:
         engine.close()
     assert isinstance(outcomes[1], FloatingPointError) and isinstance(outcomes[3], ValueError)
-    assert [o.order for o in (outcomes[0], outcomes[2], outcomes[4])] == [alone(stepper, j)[0] for j in good]
+    assert [o.order for o in (outcomes[0], outcomes[2], outcomes[4])] == [decode_alone(stepper, j)[0] for j in good]
 
 
 def test_a_cancelled_window_is_dropped_at_its_next_step(model, dl19):
@@ -134,7 +125,7 @@ def test_a_cancelled_window_is_dropped_at_its_next_step(model, dl19):
         engine.close()
     assert recorder.statuses == ["cancelled", "done"]
     assert 0 < len(recorder.batches) < 58, "the cancelled window kept decoding"
-    assert after.order == alone(stepper, job_of(model, dl19, 0, 4))[0] and engine.live == 0
+    assert after.order == decode_alone(stepper, job_of(model, dl19, 0, 4))[0] and engine.live == 0
 
 
 def test_cancelled_before_prefill_and_closed_engine(model, dl19):

@@ -17,7 +17,7 @@ import pytest
 import tritonclient.grpc as tclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import CONFORMANCE, case_id, conformance_cases
+from conftest import CONFORMANCE, case_id, conformance_cases, triton_metric
 from pe_rank.client import AsyncRankerClient, RankerClient
 from pe_rank.core.prompt import PromptBuilder
 from pe_rank.core.tokenization import load_prompt_tokenizer
@@ -89,15 +89,6 @@ def services(tritons, exported):
     yield get
     for service in running.values():
         service.stop()
-
-
-def triton_metric(triton: TritonServer, name: str) -> float:
-    """One series of a Triton's /metrics (0 when absent): e.g. 'pe_llm_live_windows{model="pe_llm"}'."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{triton.metrics_port}/metrics") as page:
-        for line in page.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 LIVE = 'pe_llm_live_windows{model="pe_llm"}'
@@ -283,7 +274,7 @@ def test_triton_down_gives_unavailable_then_recovers(exported, dl19):
 
 
 def test_requests_spread_over_several_tritons_and_stay_correct(tritons, exported):
-    """Two Triton servers behind one service; every request (and its windows) on one of them."""
+    """Two Triton servers behind one service; windows go to either, rankings stay exact."""
     repo = exported("tiny-b")
     second = TritonServer(repo).start()
     service = Service(repo, [tritons("tiny-b").grpc_url, second.grpc_url])
@@ -295,10 +286,8 @@ def test_requests_spread_over_several_tritons_and_stay_correct(tritons, exported
 
         for case, response in zip(cases * 2, asyncio.run(run_all())):
             assert [r.id for r in response.ranks] == case["expected_ranking"]
-        with urllib.request.urlopen(f"http://127.0.0.1:{second.metrics_port}/metrics") as page:
-            served = [line for line in page.read().decode().splitlines()
-                      if line.startswith('nv_inference_request_success{model="pe_llm"')]
-        assert served and float(served[0].rsplit(" ", 1)[1]) > 0, "the second Triton got no windows"
+        # no pinning: gRPC's round_robin gives both Tritons windows
+        assert triton_metric(tritons("tiny-b"), LLM_CALLS) > 0 and triton_metric(second, LLM_CALLS) > 0
     finally:
         service.stop()
         second.stop()

@@ -10,7 +10,7 @@ import pytest
 import tritonclient.grpc as tclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import CHECKPOINTS, CONFORMANCE, case_id, conformance_cases
+from conftest import CHECKPOINTS, CONFORMANCE, case_id, conformance_cases, decode_alone, triton_metric
 from pe_rank.core.inprocess import stepper_for
 from pe_rank.core.prompt import PromptBuilder
 from pe_rank.core.reranker import Reranker
@@ -18,7 +18,7 @@ from pe_rank.core.tokenization import load_prompt_tokenizer
 from pe_rank.core.types import Passage, RerankRequest
 from pe_rank.service.cache import EmbeddingCache
 from pe_rank.service.embedder import TritonEmbedder
-from pe_rank.core.ranker import WindowDecoder, WindowJob
+from pe_rank.core.ranker import WindowJob
 from pe_rank.core.types import Mode
 from pe_rank.triton.remote import TritonWindowBackend, window_inputs, window_outcome
 
@@ -64,26 +64,10 @@ def dl19_texts(dl19, n: int = 20, query: int = 3) -> list[str]:
 
 
 def metric(tritons, name: str, series: str) -> float:
-    """One series of that Triton's /metrics, e.g. 'pe_llm_live_windows{model="pe_llm"}' (0 when absent)."""
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{tritons(name).metrics_port}/metrics") as page:
-        for line in page.read().decode().splitlines():
-            if line.startswith(series + " "):
-                return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return triton_metric(tritons(name), series)
 
 
 LIVE = 'pe_llm_live_windows{model="pe_llm"}'
-
-
-def decode_alone(stepper, job: WindowJob) -> tuple[list[int], int]:
-    """The window decoded in this process with plain start/step calls: (order, decode steps)."""
-    decoder = WindowDecoder(len(job.embeds), job.mode, job.emit)
-    state, scores = stepper.start(job.prompt_ids, job.embeds)
-    while (pick := decoder.feed(scores)) is not None:
-        scores = stepper.step(state, pick)
-    return decoder.order, decoder.decode_steps
 
 
 def window_inputs_of(model, builder: PromptBuilder, dl19, query: int, n: int) -> tuple[np.ndarray, np.ndarray]:

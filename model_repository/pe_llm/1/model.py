@@ -17,7 +17,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from pe_rank.triton_backend.utils import device_of, input_array, model_dir, parameters
+from pe_rank.triton_backend.utils import device_of, input_array, model_dir, parameters, triton_error
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -81,12 +81,7 @@ def _text(value) -> str:
 
 
 def _error(exc):
-    from pe_rank.core.engine import WindowCancelled
-
-    code = pb_utils.TritonError.CANCELLED if isinstance(exc, WindowCancelled) else pb_utils.TritonError.INVALID_ARG
-    if isinstance(exc, (ValueError, WindowCancelled)):
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(exc).__name__}: {exc}", code))
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(exc).__name__}: {exc}"))
+    return pb_utils.InferenceResponse(error=triton_error(pb_utils, exc))
 
 
 def _response(result):

@@ -13,7 +13,7 @@ import threading
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from pe_rank.triton_backend.utils import input_array, model_dir
+from pe_rank.triton_backend.utils import input_array, model_dir, triton_error
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -42,7 +42,7 @@ class TritonPythonModel:
             order = await self._rank(request, sender.is_cancelled)
             response = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("ORDER", np.asarray(order, np.int64))])
         except Exception as exc:
-            response = pb_utils.InferenceResponse(error=_triton_error(exc))
+            response = pb_utils.InferenceResponse(error=triton_error(pb_utils, exc))
         sender.send(response, flags=FINAL)
 
     async def _rank(self, request, is_cancelled):
@@ -91,13 +91,3 @@ def _request(request):
     top_n = _int(request, "TOP_N", 0)
     return RerankRequest(query=query[0], passages=passages, window_size=_int(request, "WINDOW_SIZE", 20),
                          stride=_int(request, "STRIDE", 10), mode=Mode(mode), top_n=None if top_n == 0 else top_n)
-
-
-def _triton_error(exc):
-    from pe_rank.core.engine import WindowCancelled
-
-    if isinstance(exc, WindowCancelled):
-        return pb_utils.TritonError(str(exc), pb_utils.TritonError.CANCELLED)
-    if isinstance(exc, ValueError):  # InvalidRequest, or a query holding the placeholder text
-        return pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
-    return pb_utils.TritonError(f"{type(exc).__name__}: {exc}")

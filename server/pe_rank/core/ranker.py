@@ -55,6 +55,16 @@ class WindowOutcome:
     decode_ms: float = 0.0   # from the end of the prefill to the answer (shared batched steps)
 
 
+def window_arrays(job: WindowJob) -> dict[str, np.ndarray]:
+    """pe_llm's inputs for one window (no batch dimension), as every caller sends them."""
+    return {
+        "PROMPT_IDS": np.ascontiguousarray(job.prompt_ids, dtype=np.int64),
+        "PASSAGE_EMBEDS": np.ascontiguousarray(job.embeds, dtype=np.float32),
+        "EMIT": np.array([job.emit], dtype=np.int32),
+        "MODE": np.array([job.mode.value.encode()], dtype=np.object_),
+    }
+
+
 class WindowBackend(Protocol):
     """Ranks one whole window. Cancelling the awaiting task abandons the window at its next step."""
 

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from ..core.ranker import WindowJob, WindowOutcome
+from ..core.ranker import WindowJob, WindowOutcome, window_arrays
 
 LLM_MODEL = "pe_llm"
 EMBED_MODEL = "pe_embed"
@@ -18,22 +18,18 @@ PROJECTOR_MODEL = "pe_projector"
 RANK_MODEL = "pe_rank"
 
 
-def _tensor(name: str, array: np.ndarray, dtype: str):
+def _tensor(name: str, array: np.ndarray, dtype: str | None = None):
     from tritonclient.grpc import InferInput
+    from tritonclient.utils import np_to_triton_dtype
 
-    item = InferInput(name, list(array.shape), dtype)
+    item = InferInput(name, list(array.shape), dtype or np_to_triton_dtype(array.dtype))
     item.set_data_from_numpy(array)
     return item
 
 
 def window_inputs(job: WindowJob) -> list:
     """pe_llm's inputs for one window (no batch dimension)."""
-    return [
-        _tensor("PROMPT_IDS", np.ascontiguousarray(job.prompt_ids, dtype=np.int64), "INT64"),
-        _tensor("PASSAGE_EMBEDS", np.ascontiguousarray(job.embeds, dtype=np.float32), "FP32"),
-        _tensor("EMIT", np.array([job.emit], dtype=np.int32), "INT32"),
-        _tensor("MODE", np.array([job.mode.value.encode()], dtype=np.object_), "BYTES"),
-    ]
+    return [_tensor(name, array) for name, array in window_arrays(job).items()]
 
 
 def window_outcome(result) -> WindowOutcome:

@@ -10,7 +10,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..core.engine import WindowCancelled
-from ..core.ranker import WindowJob, WindowOutcome
+from ..core.ranker import WindowJob, WindowOutcome, window_arrays
 
 
 class BlsError(RuntimeError):
@@ -47,11 +47,7 @@ class BlsWindowBackend:
         self.pb_utils = pb_utils
 
     async def rank_window(self, job: WindowJob) -> WindowOutcome:
-        t = self.pb_utils.Tensor
-        inputs = [t("PROMPT_IDS", np.ascontiguousarray(job.prompt_ids, dtype=np.int64)),
-                  t("PASSAGE_EMBEDS", np.ascontiguousarray(job.embeds, dtype=np.float32)),
-                  t("EMIT", np.array([job.emit], dtype=np.int32)),
-                  t("MODE", np.array([job.mode.value.encode()], dtype=np.object_))]
+        inputs = [self.pb_utils.Tensor(name, array) for name, array in window_arrays(job).items()]
         response = await _call(self.pb_utils, "pe_llm", inputs, ["ORDER", "DECODE_STEPS", "CACHED_TOKENS"])
 
         def scalar(name: str) -> int:

@@ -29,8 +29,20 @@ def respond_each(pb_utils: Any, requests: list, handle: Callable[[Any], list]) -
         try:
             responses.append(pb_utils.InferenceResponse(output_tensors=handle(request)))
         except Exception as exc:  # the error goes back to that caller; the model keeps serving
-            responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(exc).__name__}: {exc}")))
+            responses.append(pb_utils.InferenceResponse(error=triton_error(pb_utils, exc)))
     return responses
+
+
+def triton_error(pb_utils: Any, exc: BaseException):
+    """Our exceptions as Triton errors with a code clients can act on: cancelled, bad input, or internal."""
+    from ..core.engine import WindowCancelled
+
+    if isinstance(exc, WindowCancelled):
+        return pb_utils.TritonError(str(exc), pb_utils.TritonError.CANCELLED)
+    if isinstance(exc, ValueError):  # InvalidRequest, bad shapes, a query holding the placeholder text
+        return pb_utils.TritonError(f"{type(exc).__name__}: {exc}" if type(exc) is ValueError else str(exc),
+                                    pb_utils.TritonError.INVALID_ARG)
+    return pb_utils.TritonError(f"{type(exc).__name__}: {exc}")
 
 
 def input_array(pb_utils: Any, request: Any, name: str, required: bool = True):
