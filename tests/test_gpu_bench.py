@@ -104,6 +104,7 @@ def test_prompts_have_realistic_lengths(tiny_run):
 
 def test_conformance_on_the_device(tiny_run):
     result, _, _ = tiny_run
+    assert result["conformance"]["prompt_ids"] == "tokenizer"
     assert result["conformance_float32"] == "8/8"  # 4 smallest cases x 2 checkpoints, all exact
     agree, total = result["conformance"]["float16"].split("/")
     assert int(total) == 8 and 0 <= int(agree) <= 8
@@ -121,34 +122,64 @@ def test_results_written(tiny_run):
     assert "building synthetic tiny" in stderr and "decode steps" in stderr
 
 
-def test_conformance_without_sentencepiece_is_reported_not_fatal(tmp_path):
+def test_conformance_without_sentencepiece_replays_recorded_prompt_ids(tmp_path):
+    """A GPU machine has no sentencepiece: the conformance prompts come from prompt_ids.json."""
     code = ("import asyncio, json\nfrom pathlib import Path\n"
             "from pe_rank.gpu_bench import DEFAULT_CONFORMANCE, conformance\n"
-            "print(json.dumps(asyncio.run(conformance(DEFAULT_CONFORMANCE, 'cpu', 'float16', limit=1))))\n")
+            "print(json.dumps(asyncio.run(conformance(DEFAULT_CONFORMANCE, 'cpu', 'float32', limit=4))))\n")
     out = subprocess.run([sys.executable, "-c", code], env=bare_env(tmp_path, ABSENT + ("sentencepiece",)),
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "sentencepiece" in json.loads(out.stdout.splitlines()[-1]).get("skipped", "")
+    result = json.loads(out.stdout.splitlines()[-1])
+    assert result["float32"] == "8/8" and "recorded" in result["prompt_ids"]
 
 
-def test_bad_options_give_one_error_line(tmp_path):
-    for args, expected in ((["--synthetic", "huge"], "invalid choice"),
-                           (["--synthetic", "tiny", "--step-warmup", "10", "--step-repeats", "10"], "step-repeats"),
-                           (["--synthetic", "tiny", "--device", "tpu"], "expected cuda")):
-        out = subprocess.run([sys.executable, "-m", "pe_rank", "bench", *args, "--out", str(tmp_path)],
-                             env=bare_env(tmp_path), capture_output=True, text=True, timeout=300)
-        assert out.returncode == 2, (args, out.stderr[-2000:])
-        assert expected in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+def test_recorded_prompt_ids_equal_the_tokenizers():
+    """prompt_ids.json is what the conformance checkpoints' own tokenizers build, for every prompt needed."""
+    from conftest import CONFORMANCE
+
+    from pe_rank.gpu_bench import CONFORMANCE_CHECKPOINTS
+    from pe_rank.recorded_prompts import FILE, record_all
+
+    shipped = json.loads((CONFORMANCE / FILE).read_text())
+    assert shipped == record_all(CONFORMANCE, CONFORMANCE_CHECKPOINTS)
+    # and they include the golden prompts of the original implementation where those overlap
+    for name in CONFORMANCE_CHECKPOINTS:
+        golden = {(p["query"], p["n"]): p["input_ids"]
+                  for p in json.loads((CONFORMANCE / f"{name}.cases.json").read_text())["prompts"]}
+        recorded = {(p["query"], p["n"]): p["input_ids"] for p in shipped[name]["prompts"]}
+        for key in golden.keys() & recorded.keys():
+            assert recorded[key] == golden[key]
 
 
-def test_cuda_refused_clearly_without_a_gpu(tmp_path):
+@pytest.mark.parametrize("args, expected", [
+    (["--synthetic", "huge"], "invalid choice"),
+    (["--synthetic", "tiny", "--step-warmup", "10", "--step-repeats", "10"], "step-repeats"),
+    (["--synthetic", "tiny", "--batches", "1,x"], "--batches"),
+    (["--synthetic", "tiny", "--device", "tpu"], "error: --device tpu: expected cuda"),
+    (["--synthetic", "tiny", "--data", "nowhere.json"], "nowhere.json: not found"),
+])
+def test_bad_options_give_one_error_line(args, expected, tmp_path, capsys):
+    from pe_rank.cli import main
+
+    try:
+        code = main(["bench", *args, "--out", str(tmp_path)])
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err and "Traceback" not in err, err
+
+
+def test_cuda_refused_clearly_without_a_gpu(tmp_path, capsys):
     import torch
+
+    from pe_rank.cli import main
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    out = subprocess.run([sys.executable, "-m", "pe_rank", "bench", "--synthetic", "tiny", "--device", "cuda",
-                          "--out", str(tmp_path)], env=bare_env(tmp_path), capture_output=True, text=True, timeout=300)
-    assert out.returncode == 2 and "sees no CUDA device" in out.stderr and "Traceback" not in out.stderr
+    assert main(["bench", "--synthetic", "tiny", "--device", "cuda", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "sees no CUDA device" in err and "use --device cpu" in err
 
 
 def test_synthetic_model_matches_its_shape():

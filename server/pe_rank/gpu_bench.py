@@ -224,24 +224,36 @@ async def conformance(folder: Path, device: str, dtype: str, limit: int | None =
 
     ``limit``: only the first cases of each checkpoint (they are ordered by size).
     """
-    from .core.inprocess import InProcessEmbedder, load_in_process, stepper_for
+    from .core.inprocess import InProcessEmbedder, in_process_reranker, stepper_for
+    from .core.model import load_model
     from .core.reranker import Reranker
     from .core.steps import InProcessBackend
+    from .recorded_prompts import FILE as RECORDED, load as load_recorded
 
     missing = [name for name in CONFORMANCE_CHECKPOINTS if not (folder / f"{name}.cases.json").exists()]
     if missing:
         return {"skipped": f"no conformance vectors in {folder} (pass --conformance DIR)"}
     try:
         import sentencepiece  # noqa: F401  (the conformance checkpoints' slow Llama tokenizer)
+        tokenizers = {name: None for name in CONFORMANCE_CHECKPOINTS}
+        prompt_ids = "tokenizer"
     except ImportError:
-        return {"skipped": "sentencepiece is not installed (pip install sentencepiece)"}
+        tokenizers = {name: load_recorded(folder, name) for name in CONFORMANCE_CHECKPOINTS}
+        if None in tokenizers.values():
+            return {"skipped": f"sentencepiece is not installed and {folder / RECORDED} is missing"}
+        prompt_ids = f"recorded in {RECORDED} (sentencepiece is not installed)"
+
+    def load(name: str, dtype: str):
+        model = load_model(folder / name, dtype=dtype, device=device, prompt_tokenizer=tokenizers[name])
+        return model, in_process_reranker(model)
+
     total = exact = agree = 0
     worst = 0.0
     scale = 0.0
     for name in CONFORMANCE_CHECKPOINTS:
         cases = json.loads((folder / f"{name}.cases.json").read_text())["cases"][:limit]
         with exact_float32():
-            model32, _ = load_in_process(folder / name, dtype="float32", device=device)
+            model32, _ = load(name, "float32")
             runs = []
             for case in cases:
                 windows: list[dict] = []
@@ -257,13 +269,13 @@ async def conformance(folder: Path, device: str, dtype: str, limit: int | None =
             total += len(cases)
         if dtype == "float32":
             continue
-        model, reranker = load_in_process(folder / name, dtype=dtype, device=device)
+        model, reranker = load(name, dtype)
         stepper = stepper_for(model)
         for case, request, windows, calls in runs:
             result = await reranker.rerank(request)
             agree += [r.id for r in result.ranking] == case["expected_ranking"]
             worst = max(worst, await _replay_max_diff(model, stepper, request, windows, calls))
-    out: dict[str, Any] = {"float32": f"{exact}/{total}", "cases": total}
+    out: dict[str, Any] = {"float32": f"{exact}/{total}", "cases": total, "prompt_ids": prompt_ids}
     if dtype != "float32":
         out.update({dtype: f"{agree}/{total}", "max_abs_score_diff": worst, "max_abs_score_float32": scale})
     return out
