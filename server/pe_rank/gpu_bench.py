@@ -427,7 +427,7 @@ async def run(args: argparse.Namespace, start: float) -> dict[str, Any]:
     clock, memory = Clock(device), Memory(device)
     name = device_name(device)
     result: dict[str, Any] = {
-        "device": name, "dtype": args.dtype, "shape": args.synthetic, "about": SHAPES[args.synthetic].about,
+        "device": name, "device_type": device.type, "dtype": args.dtype, "shape": args.synthetic, "about": SHAPES[args.synthetic].about,
         "versions": versions(device), "phases_s": {}, "peak_memory_gb": {},
     }
     import transformers
@@ -544,7 +544,7 @@ def report_markdown(r: dict[str, Any]) -> str:
         f"numpy {r['versions']['numpy']}.",
         f"LLM {r['model']['llm_parameters'] / 1e9:.3f} G parameters; one decode step reads "
         f"{r['model']['decode_step_weight_bytes'] / 1e9:.3f} GB of weights. Peak memory "
-        f"{'(GPU, allocated)' if r['versions']['cudnn'] is not None else '(process RSS)'}: {r['peak_memory_gb']['max']:.2f} GB.",
+        f"{'(GPU, allocated)' if r['device_type'] == 'cuda' else '(process RSS)'}: {r['peak_memory_gb']['max']:.2f} GB.",
         f"Prompt of a {WINDOW}-passage window: {r['prompt_tokens_top20']} tokens (median; "
         f"{r['prompt_head_tokens']} of them the cached shared head).",
         "",
