@@ -75,7 +75,7 @@ class Clock:
     def __init__(self, device) -> None:
         import torch
 
-        self._sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self._sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
     def sync(self) -> None:
         self._sync()
