@@ -9,7 +9,7 @@ DEMO   := models/demo
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install protos test serve demo-model demo-repository perf-analyzer clean
+.PHONY: install protos test serve demo-model demo-repository perf-analyzer bench-gpu clean
 
 install: $(STAMP) protos
 
@@ -56,6 +56,18 @@ serve: install demo-repository
 # perf_analyzer and its runtime are fetched into bench/perf_analyzer/cache on first use.
 perf-analyzer: install demo-repository
 	$(BIN)/pe-rank perf-analyzer --repository model_repository
+
+# The GPU benchmark on a bare GPU machine: no venv, nothing installed, only its own PyTorch (CUDA),
+# transformers and numpy. A synthetic PE-Rank of the released shapes (random weights made on the
+# GPU); about 2-4 minutes at mistral-7b on an H100/H200. Results: bench/results/*-synthetic-*.{json,md}.
+# e.g. make bench-gpu BENCH_SHAPE=tiny BENCH_DEVICE=cpu; BENCH_ARGS="--bandwidth-gbs 3350 --json"
+BENCH_SHAPE  ?= mistral-7b
+BENCH_DEVICE ?= cuda
+BENCH_DTYPE  ?= float16
+BENCH_ARGS   ?=
+bench-gpu:
+	PYTHONPATH=server $(PYTHON) -m pe_rank bench --synthetic $(BENCH_SHAPE) --device $(BENCH_DEVICE) \
+		--dtype $(BENCH_DTYPE) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(STUBS) models bench/perf_analyzer/cache

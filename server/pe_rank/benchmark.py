@@ -359,6 +359,11 @@ def _save(figure, stem: Path, kind: str) -> str:
 
 
 def cli_main(argv: list[str]) -> int:
+    if any(arg == "--synthetic" or arg.startswith("--synthetic=") for arg in argv):
+        # a synthetic model on a bare GPU machine: nothing below (Triton, gRPC, matplotlib) is needed
+        from .gpu_bench import cli_main as synthetic_main
+
+        return synthetic_main(argv)
     parser = argparse.ArgumentParser(prog="pe-rank bench", description=__doc__)
     parser.add_argument("--model", type=Path, default=Path("models/demo"))
     parser.add_argument("--data", type=Path, default=Path("tests/data/bm25_dl19.json.gz"))
@@ -371,6 +376,8 @@ def cli_main(argv: list[str]) -> int:
     parser.add_argument("--no-server", action="store_true", help="in-process variants only")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--synthetic", metavar="SHAPE",
+                        help="tiny|smollm2-135m|mistral-7b: random-weight model on --device (see `pe-rank bench --synthetic tiny --help`)")
     args = parser.parse_args(argv)
     if args.quick:
         args.queries, args.top_k, args.text_queries, args.concurrency = 5, 20, 2, "1,2,8"

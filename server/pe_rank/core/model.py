@@ -20,7 +20,7 @@ from .checkpoint import (
 )
 from .kv_cache import register_attention
 from .prompt import PromptBuilder
-from .tokenization import load_prompt_tokenizer
+from .tokenization import PromptTokenizer, load_prompt_tokenizer
 
 ENCODER_MAX_TOKENS = 512
 ENCODER_BATCH = 16  # the released code encodes in batches of 16
@@ -185,15 +185,20 @@ def load_encoder_tokenizer(info: CheckpointInfo):
     return AutoTokenizer.from_pretrained(str(info.encoder_dir))
 
 
-def load_model(folder: Path | str, dtype: str = "float32", device: str = "cpu") -> PeRankModel:
-    """Load a released-layout checkpoint; user mistakes raise CheckpointError."""
+def load_model(folder: Path | str, dtype: str = "float32", device: str = "cpu",
+               prompt_tokenizer: PromptTokenizer | None = None) -> PeRankModel:
+    """Load a released-layout checkpoint; user mistakes raise CheckpointError.
+
+    ``prompt_tokenizer`` replaces the checkpoint's own (the synthetic bench's recorded prompt ids
+    where sentencepiece is not installed).
+    """
     info = read_checkpoint_info(folder)
     dt = torch_dtype(dtype)
     weights = WeightFiles(info.folder)
     llm = load_llm(info, weights, dt)
     projector = load_projector(info, weights, dt)
     encoder = load_encoder(info, weights)
-    prompts = PromptBuilder(load_prompt_tokenizer(info.folder))
+    prompts = PromptBuilder(prompt_tokenizer or load_prompt_tokenizer(info.folder))
     dev = torch.device(device)
     for module in (llm, projector, encoder):
         module.to(dev)
