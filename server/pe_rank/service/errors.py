@@ -7,6 +7,9 @@ went wrong inside (Triton URLs, exception types) goes to the log only.
 """
 from __future__ import annotations
 
+import time
+from typing import NoReturn
+
 import grpc
 
 
@@ -94,3 +97,14 @@ def http_status(error: ServiceError, request_id: str) -> tuple[int, dict]:
 def metric_label(error: ServiceError | None) -> str:
     """The ``status`` label of pe_rank_requests_total: gRPC code names, whatever the API."""
     return "OK" if error is None else grpc_status(error).name
+
+
+async def grpc_abort(context: grpc.aio.ServicerContext, error: ServiceError, request_id: str) -> NoReturn:
+    await context.abort(grpc_status(error), error.text(request_id))
+    raise AssertionError("unreachable")  # context.abort raises
+
+
+def grpc_deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline on time.monotonic()'s clock, None if the client set none."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
