@@ -4,6 +4,7 @@ unmodified clients against a real `pe-rank serve` on loopback: same order as the
 all four doors (in-process CLI, pe_rank.v1 gRPC, TEI gRPC, HTTP)."""
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import subprocess
@@ -250,6 +251,20 @@ def test_http_shape_errors_name_the_field(service):
     response = httpx.post(f"{service.base_url}/rerank", content=b'{"query": "q", "texts": [', timeout=30,
                           headers={"content-type": "application/json"})
     assert response.status_code == 422 and response.json()["field"] == "body"
+
+
+def test_a_body_over_the_message_limit_is_413_before_it_is_read(service):
+    """Content-Length over 64 MiB (gRPC's message limit): refused from the headers alone."""
+    connection = http.client.HTTPConnection("127.0.0.1", service.http_port, timeout=30)
+    connection.putrequest("POST", "/rerank")
+    connection.putheader("Content-Type", "application/json")
+    connection.putheader("Content-Length", str(65 << 20))
+    connection.endheaders(b"{")  # the rest of the 65 MiB is never sent
+    response = connection.getresponse()
+    body = response.read()
+    connection.close()
+    assert response.status == 413
+    assert json.loads(body)["field"] == "body" and json.loads(body)["error_type"] == "too_large"
 
 
 # ---- limits and health, as each API states them
