@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -231,7 +231,7 @@ class HttpServer:
     """uvicorn on the running event loop (the gRPC server's); signals stay with the gRPC side."""
 
     def __init__(self, ranking: RankingService, host: str, port: int, ssl_certfile: str | None = None,
-                 ssl_keyfile: str | None = None) -> None:
+                 ssl_keyfile: str | None = None, grace_s: float = 30.0) -> None:
         import uvicorn
 
         class _Server(uvicorn.Server):
@@ -240,7 +240,8 @@ class HttpServer:
                 yield
 
         config = uvicorn.Config(build_app(ranking), host=host, port=port, log_level="warning", lifespan="off",
-                                ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile, access_log=False)
+                                ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile, access_log=False,
+                                timeout_graceful_shutdown=grace_s)
         self.server = _Server(config)
         self.task = None
         self.port: int | None = None

@@ -80,7 +80,8 @@ class RankingServer:
             tls = self.config.tls_cert and self.config.tls_key
             self.http = HttpServer(self.ranking, self.config.host, self.config.http_port,
                                    ssl_certfile=str(self.config.tls_cert) if tls else None,
-                                   ssl_keyfile=str(self.config.tls_key) if tls else None)
+                                   ssl_keyfile=str(self.config.tls_key) if tls else None,
+                                   grace_s=self.config.grace_s)
             self.http_port = await self.http.start()
             log.info("HTTP APIs (TEI, Cohere/Jina) on %s:%s", self.config.host, self.http_port)
         log.info("pe-rank serving on %s:%s (Triton: %s)", self.config.host, self.port, ", ".join(self.config.triton_urls))
@@ -91,10 +92,12 @@ class RankingServer:
         if self.server is None:
             return
         await self.health.enter_graceful_shutdown()
-        if self.http is not None:  # uvicorn stops taking requests and lets running ones finish
-            await self.http.stop()
-            self.http = None
-        await self.server.stop(self.config.grace_s)
+        # both stop taking requests and let running ones finish, within the same grace
+        stopping = [self.server.stop(self.config.grace_s)]
+        if self.http is not None:
+            stopping.append(self.http.stop())
+        await asyncio.gather(*stopping)
+        self.http = None
         await self.pool.close()
         self.server = None
 
