@@ -193,7 +193,20 @@ ROWS = {
     "too many passages": ("q", ["a"] * 1001, {}, ("passages", "texts", "documents"), 413),
     "long text, truncate=false": ("q", ["a", LONG], {"truncate": False}, ("passages[1].text", "texts[1]", None), 413),
     "negative top_n": ("q", ["a", "b"], {"top_n": -2}, ("top_n", None, "top_n"), 422),
+    # rules only pe_rank.v1 (and the CLI's JSON) can break: TEI and Cohere have no such fields
+    "window_size 1": ("q", ["a", "b"], {"window_size": 1}, ("window_size", None, None), 422),
+    "stride not below window_size": ("q", ["a", "b"], {"window_size": 4, "stride": 4}, ("stride", None, None), 422),
+    "duplicate id": ("q", [{"id": "x", "text": "a"}, {"id": "x", "text": "b"}], {}, ("passages[1].id", None, None),
+                     422),
+    "embedding of the wrong size": ("q", [{"id": "x", "embedding": [0.1] * 5}], {},
+                                    ("passages[0].embedding", None, None), 422),
+    "embedding with NaN": ("q", [{"id": "x", "embedding": [float("nan")] * 32}], {},
+                           ("passages[0].embedding", None, None), 422),
 }
+
+
+def _passages(texts: list) -> list[dict]:
+    return [t if isinstance(t, dict) else {"id": str(i), "text": t} for i, t in enumerate(texts)]
 
 
 @pytest.mark.parametrize("row", list(ROWS))
@@ -202,21 +215,20 @@ def test_the_same_bad_request_through_all_four_doors(service, row, tmp_path, cap
     from tei_client import GrpcClient
 
     query, texts, extra, (v1_field, tei_field, cohere_field), http_code = ROWS[row]
+    passages = _passages(texts)
     # 1. the in-process CLI: one `error:` line, exit 2
-    request = {"query": query, "passages": [{"id": str(i), "text": t} for i, t in enumerate(texts)], **extra}
-    (tmp_path / "req.json").write_text(json.dumps(request))
+    (tmp_path / "req.json").write_text(json.dumps({"query": query, "passages": passages, **extra}))
     capsys.readouterr()
     assert main(["rerank", "--model", str(CONFORMANCE / "tiny-a"), "--input", str(tmp_path / "req.json")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert [line for line in err if line.startswith("error:")] == [err[-1]] and "Traceback" not in "\n".join(err)
     assert err[-1].startswith(f"error: {v1_field}:")
     # 2. pe_rank.v1 over gRPC
-    msg = pb.RerankRequest(query=query, passages=[pb.Passage(id=str(i), text=t) for i, t in enumerate(texts)],
-                           **extra)
+    msg = pb.RerankRequest(query=query, passages=[pb.Passage(**p) for p in passages], **extra)
     with pytest.raises(grpc.RpcError) as exc:
         service.client.rerank(msg, timeout=60)
     assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and exc.value.details().startswith(f"{v1_field}:")
-    # 3. tei.v1 over gRPC (TEI has no top_n) and 4. TEI over HTTP
+    # 3. tei.v1 over gRPC and 4. TEI over HTTP
     if tei_field:
         truncate = extra.get("truncate", False)
         with pytest.raises(grpc.RpcError) as exc:
