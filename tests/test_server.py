@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -12,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as tclient
@@ -371,10 +373,18 @@ def test_tls(tritons, exported, tmp_path, dl19):
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
                     "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
                    check=True, capture_output=True)
+    http_port = free_port()
     service = Service(exported("tiny-a"), [tritons("tiny-a").grpc_url], "--tls-cert", str(cert), "--tls-key", str(key),
-                      root_cert=cert)
+                      "--http-port", str(http_port), root_cert=cert)
     try:
         assert service.client.rerank(big_request(dl19, 5), timeout=60).ranks
+        # the HTTP APIs serve HTTPS with the same certificate, and refuse plaintext
+        texts = [h["content"] for h in dl19[0]["hits"][:5]]
+        ranks = httpx.post(f"https://127.0.0.1:{http_port}/rerank", json={"query": dl19[0]["query"], "texts": texts},
+                           verify=ssl.create_default_context(cafile=str(cert)), timeout=60).json()
+        assert sorted(r["index"] for r in ranks) == list(range(5))
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=10)
         with RankerClient(service.target) as plaintext, pytest.raises(grpc.RpcError) as err:
             plaintext.rerank(big_request(dl19, 5), timeout=10)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE

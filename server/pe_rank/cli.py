@@ -80,7 +80,7 @@ def _rerank_in_process(args: argparse.Namespace, request) -> dict:
 
     model, reranker = load_in_process(args.model, dtype=args.dtype)
     validate_request(request, model.embedding_size, token_counts=model.passage_token_counts,
-                     max_tokens=ENCODER_MAX_TOKENS, allow_text=True)
+                     max_tokens=ENCODER_MAX_TOKENS, allow_text=True, prompts=reranker.prompts)
     t0 = time.perf_counter()
     if request.mode is Mode.TEXT:
         result = asyncio.run(_rerank_text(model, request))

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from .types import Mode, RerankRequest
+
+if TYPE_CHECKING:
+    from .prompt import PromptBuilder
 
 
 class InvalidRequest(ValueError):
@@ -14,7 +17,11 @@ class InvalidRequest(ValueError):
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
-        self.field = field
+        self.field, self.reason = field, message
+
+
+class RequestTooLarge(InvalidRequest):
+    """Over a size limit (passages, query length, tokens with truncate=false): HTTP 413, not 422."""
 
 
 @dataclass(frozen=True)
@@ -31,23 +38,26 @@ def validate_request(
     token_counts: Callable[[list[str]], list[int]] | None = None,
     max_tokens: int = 512,
     allow_text: bool = False,
+    prompts: PromptBuilder | None = None,
 ) -> None:
     """Raise InvalidRequest for the first problem found; ``token_counts`` checks truncate=false.
 
     ``allow_text``: accept mode ``text`` (the text-listwise baseline), which only the
-    in-process CLI runs; the gRPC server refuses it.
+    in-process CLI runs; the gRPC server refuses it. ``prompts``: build the first window's
+    prompt here, so what the prompt builder refuses (a query holding the placeholder token's
+    text) is a field error at the edge, not a failure in the middle of ranking.
     """
     if request.mode is Mode.TEXT and not allow_text:
         raise InvalidRequest("mode", "mode text is only available in-process")
     if not request.query.strip():
         raise InvalidRequest("query", "must not be empty")
     if len(request.query) > limits.max_query_chars:
-        raise InvalidRequest("query", f"longer than {limits.max_query_chars} characters")
+        raise RequestTooLarge("query", f"longer than {limits.max_query_chars} characters")
     n = len(request.passages)
     if n == 0:
         raise InvalidRequest("passages", "at least one passage is required")
     if n > limits.max_passages:
-        raise InvalidRequest("passages", f"{n} passages exceed the limit of {limits.max_passages}")
+        raise RequestTooLarge("passages", f"{n} passages exceed the limit of {limits.max_passages}")
     if request.window_size < 2 or request.window_size > limits.max_window_size:
         raise InvalidRequest("window_size", f"must be in [2, {limits.max_window_size}], got {request.window_size}")
     if request.stride < 1 or request.stride >= request.window_size:
@@ -76,6 +86,11 @@ def validate_request(
         texts = [(i, p.text) for i, p in enumerate(request.passages) if p.embedding is None]
         for (i, _), count in zip(texts, token_counts([t for _, t in texts])):
             if count > max_tokens:
-                raise InvalidRequest(
+                raise RequestTooLarge(
                     f"passages[{i}].text", f"is {count} encoder tokens, over the {max_tokens} limit (truncate=false)"
                 )
+    if prompts is not None and request.mode is not Mode.TEXT:
+        try:
+            prompts.build(request.query, min(request.window_size, n))
+        except ValueError as exc:
+            raise InvalidRequest("query", str(exc)) from None

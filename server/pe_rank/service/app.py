@@ -1,4 +1,4 @@
-"""The gRPC ranking service: validate once at the edge, rank through Triton, answer."""
+"""The ranking service: validate once at the edge, rank through Triton, answer (every API, one path)."""
 from __future__ import annotations
 
 import asyncio
@@ -10,6 +10,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import grpc
 
@@ -18,14 +19,16 @@ from ..core.model import ENCODER_MAX_TOKENS
 from ..core.prompt import PromptBuilder
 from ..core.reranker import Reranker
 from ..core.tokenization import load_prompt_tokenizer
-from ..core.types import Timings
-from ..core.validation import InvalidRequest, Limits, validate_request
+from ..core.types import RerankRequest, RerankResult, Timings
+from ..core.validation import InvalidRequest, Limits, RequestTooLarge, validate_request
 from ..triton.remote import TritonWindowBackend
 from ..v1 import ranker_pb2 as pb
 from ..v1 import ranker_pb2_grpc as pb_grpc
 from .cache import EmbeddingCache
 from .convert import request_from_proto, response_to_proto
 from .embedder import TritonEmbedder
+from .errors import (Cancelled, DeadlineExceeded, Internal, InvalidArgument, Overloaded, ServiceError, TooLarge,
+                     Unavailable, grpc_abort, grpc_deadline, metric_label)
 from .metrics import Metrics
 from .pool import REQUIRED_MODELS, NoTritonAvailable, TritonPool, triton_status
 
@@ -50,6 +53,7 @@ class ServiceConfig:
     max_message_mb: int = 64
     grace_s: float = 30.0
     health_poll_s: float = 1.0
+    http_port: int | None = None  # TEI and Cohere/Jina HTTP APIs; None: off
     limits: Limits = field(init=False)
 
     def __post_init__(self) -> None:
@@ -82,7 +86,14 @@ def _max_batch_size(config_pbtxt: Path) -> int:
     return int(match.group(1)) if match else 0
 
 
-class RankerService(pb_grpc.RankerServicer):
+class RankingService:
+    """The one ranking path behind every API (pe_rank.v1, tei.v1, TEI and Cohere HTTP).
+
+    :meth:`rank` is transport-independent: admission by --max-concurrent, validation
+    (core/validation.py, once), ranking on a ready Triton, metrics and the log line. It raises
+    :class:`~.errors.ServiceError`; each API only converts its request in and the answer out.
+    """
+
     def __init__(self, config: ServiceConfig, repo: RepositoryView, pool: TritonPool, metrics: Metrics) -> None:
         self.config, self.repo, self.pool, self.metrics = config, repo, pool, metrics
         if repo.max_batch and repo.max_batch < config.limits.max_window_size:
@@ -91,54 +102,75 @@ class RankerService(pb_grpc.RankerServicer):
         self.cache = EmbeddingCache(config.cache_size)
         self.in_flight = 0
 
-    async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankResponse:
-        request_id = uuid.uuid4().hex[:16]
+    @staticmethod
+    def new_request_id() -> str:
+        return uuid.uuid4().hex[:16]
+
+    async def rank(self, req: RerankRequest, deadline: float | None, request_id: str, api: str = "pe_rank.v1",
+                   field_name: Callable[[str], str] = str) -> RerankResult:
+        """Rank one request; ``deadline`` is on time.monotonic()'s clock (None: no deadline).
+
+        ``field_name`` renames validation fields into the API's own (TEI's ``texts[3]`` for
+        ``passages[3].text``), so a client reads the name it sent.
+        """
         started = time.perf_counter()
-        code, message = grpc.StatusCode.OK, ""
         if self.in_flight >= self.config.max_concurrent:
-            self.metrics.requests.labels(grpc.StatusCode.RESOURCE_EXHAUSTED.name).inc()
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"more than {self.config.max_concurrent} requests in flight; retry later")
+            error = Overloaded(f"more than {self.config.max_concurrent} requests in flight; retry later")
+            self.refused(error, request_id, api, started)
+            raise error
         self.in_flight += 1
         self.metrics.in_flight.inc()
+        error: ServiceError | None = None
+        detail = ""
         try:
-            response = await self._rerank(request, context, request_id, started)
-            return response
+            return await self._rerank(req, request_id, started, deadline)
         except InvalidRequest as exc:
-            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+            kind = TooLarge if isinstance(exc, RequestTooLarge) else InvalidArgument
+            error = kind(exc.reason, field=field_name(exc.field))
         except asyncio.TimeoutError:
-            code, message = grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while ranking"
+            error = DeadlineExceeded("deadline exceeded while ranking")
         except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
+            error = Cancelled("cancelled by the client")
             raise
         except NoTritonAvailable as exc:
-            code, message = grpc.StatusCode.UNAVAILABLE, str(exc)
+            error, detail = Unavailable("no model server is ready; retry later"), str(exc)
         except _TritonFailure as exc:
-            code, message = exc.code, exc.message
+            if exc.code is grpc.StatusCode.UNAVAILABLE:
+                error = Unavailable("the model server went away; retry later")
+            else:
+                error = Internal("the model server failed")
+            detail = exc.message
         except Exception as exc:  # a bug or an unexpected model failure: never crash the server
             log.exception("request %s failed", request_id)
-            code, message = grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+            error, detail = Internal("internal error"), f"{type(exc).__name__}: {exc}"
         finally:
             self.in_flight -= 1
             self.metrics.in_flight.dec()
-            self.metrics.requests.labels(code.name).inc()
-            log.info("request %s %s in %.1f ms%s", request_id, code.name, (time.perf_counter() - started) * 1e3,
-                     f": {message}" if message else "")
-        await context.abort(code, f"{message} (request {request_id})")
-        raise AssertionError("unreachable")  # context.abort raises
+            self._record(error, request_id, api, started, detail)
+        raise error
 
-    async def _rerank(self, request, context, request_id: str, started: float) -> pb.RerankResponse:
-        req = request_from_proto(request)
+    def refused(self, error: ServiceError, request_id: str, api: str, started: float | None = None) -> None:
+        """Count and log a request an API refused before :meth:`rank` (its shape, or no slot)."""
+        self._record(error, request_id, api, time.perf_counter() if started is None else started)
+
+    def _record(self, error: ServiceError | None, request_id: str, api: str, started: float, detail: str = "") -> None:
+        self.metrics.requests.labels(metric_label(error)).inc()
+        status = metric_label(error)
+        said = f": {error.text(request_id)}" if error is not None else ""
+        log.info("request %s %s %s in %.1f ms%s%s", request_id, api, status, (time.perf_counter() - started) * 1e3,
+                 said, f" [{detail}]" if detail else "")
+
+    async def _rerank(self, req: RerankRequest, request_id: str, started: float,
+                      deadline: float | None) -> RerankResult:
         validate_request(req, self.repo.info.embedding_size, self.config.limits,
-                         token_counts=self.repo.token_counts, max_tokens=ENCODER_MAX_TOKENS)
+                         token_counts=self.repo.token_counts, max_tokens=ENCODER_MAX_TOKENS,
+                         prompts=self.repo.prompts)
         self.metrics.passages.inc(len(req.passages))
         queue_ms = (time.perf_counter() - started) * 1e3
-        remaining = context.time_remaining()
-        deadline = None if remaining is None else time.monotonic() + remaining
         result = await self._rank(req, Timings(queue_ms=queue_ms), deadline)
         result.timings.total_ms = (time.perf_counter() - started) * 1e3
         self.metrics.observe(result)
-        return response_to_proto(result, request_id)
+        return result
 
     async def _rank(self, req, timings: Timings, deadline: float | None):
         """Embeddings and windows through Triton: one pe_llm call per window, any ready Triton each time.
@@ -170,24 +202,45 @@ class RankerService(pb_grpc.RankerServicer):
             return asyncio.TimeoutError()
         return _TritonFailure(grpc.StatusCode.INTERNAL, f"Triton error: {exc}")
 
+
+class _TritonFailure(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class RankerService(pb_grpc.RankerServicer):
+    """pe_rank.v1 over gRPC: proto in, :meth:`RankingService.rank`, proto out."""
+
+    def __init__(self, ranking: RankingService) -> None:
+        self.ranking = ranking
+
+    async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankResponse:
+        request_id = self.ranking.new_request_id()
+        try:
+            try:
+                req = request_from_proto(request)
+            except InvalidRequest as exc:
+                error = InvalidArgument(exc.reason, field=exc.field)
+                self.ranking.refused(error, request_id, "pe_rank.v1")
+                raise error from None
+            result = await self.ranking.rank(req, grpc_deadline(context), request_id)
+        except ServiceError as exc:
+            await grpc_abort(context, exc, request_id)
+        return response_to_proto(result, request_id)
+
     async def GetModelInfo(self, request: pb.ModelInfoRequest, context) -> pb.ModelInfo:
-        info, c = self.repo.info, self.config
+        info, c = self.ranking.repo.info, self.ranking.config
         llm_cfg = info.config
-        enc = self.repo.encoder_config
+        enc = self.ranking.repo.encoder_config
         return pb.ModelInfo(
             llm=f"{llm_cfg.get('model_type')} (hidden {info.hidden_size}, {llm_cfg.get('num_hidden_layers')} layers, "
                 f"vocab {llm_cfg.get('vocab_size')})",
             encoder=f"{enc.get('model_type')} (hidden {info.embedding_size}, {info.pooling} pooling, "
                     f"{info.projector_type} projector)",
             hidden_size=info.hidden_size, embedding_size=info.embedding_size,
-            triton_models=list(REQUIRED_MODELS), triton_urls=[s.url for s in self.pool.servers],
+            triton_models=list(REQUIRED_MODELS), triton_urls=[s.url for s in self.ranking.pool.servers],
             default_window_size=20, default_stride=10, max_passages=c.max_passages,
             max_window_size=c.limits.max_window_size, max_encoder_tokens=ENCODER_MAX_TOKENS,
             max_concurrent_requests=c.max_concurrent, embedding_mode=c.embedding_mode, cache_size=c.cache_size,
         )
-
-
-class _TritonFailure(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message

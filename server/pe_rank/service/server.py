@@ -1,4 +1,5 @@
-"""Wiring: gRPC server with the Ranker, health and reflection services; drain on stop."""
+"""Wiring: one gRPC server (pe_rank.v1, tei.v1, health, reflection) and the optional HTTP APIs,
+on one event loop over one RankingService; drain on stop."""
 from __future__ import annotations
 
 import asyncio
@@ -10,8 +11,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from ..tei.v1 import tei_pb2_grpc as tei_grpc
 from ..v1 import ranker_pb2_grpc as pb_grpc
-from .app import SERVICE_NAME, RankerService, RepositoryView, ServiceConfig
+from . import tei
+from .app import SERVICE_NAME, RankerService, RankingService, RepositoryView, ServiceConfig
 from .metrics import Metrics
 from .pool import TritonPool
 
@@ -28,6 +31,8 @@ class RankingServer:
         self.pool = TritonPool(config.triton_urls, on_health_change=self._health_changed, poll_s=config.health_poll_s)
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
+        self.http = None
+        self.http_port: int | None = None
         self._pending_health: set[asyncio.Task] = set()
 
     def _health_changed(self, serving: bool) -> None:
@@ -46,11 +51,14 @@ class RankingServer:
         limit = self.config.max_message_mb << 20
         self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
                                                ("grpc.max_send_message_length", limit)])
-        self.service = RankerService(self.config, repo, self.pool, self.metrics)
-        pb_grpc.add_RankerServicer_to_server(self.service, self.server)
+        self.ranking = RankingService(self.config, repo, self.pool, self.metrics)
+        pb_grpc.add_RankerServicer_to_server(RankerService(self.ranking), self.server)
+        tei_grpc.add_InfoServicer_to_server(tei.TeiInfo(self.ranking), self.server)
+        tei_grpc.add_RerankServicer_to_server(tei.TeiRerank(self.ranking), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (SERVICE_NAME, *tei.SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME),
             self.server)
         address = f"{self.config.host}:{self.config.port}"
         if self.config.tls_cert and self.config.tls_key:
@@ -66,6 +74,16 @@ class RankingServer:
 
             start_http_server(self.config.metrics_port, addr=self.config.host, registry=self.metrics.registry)
         await self.server.start()
+        if self.config.http_port is not None:
+            from .http_api import HttpServer
+
+            tls = self.config.tls_cert and self.config.tls_key
+            self.http = HttpServer(self.ranking, self.config.host, self.config.http_port,
+                                   ssl_certfile=str(self.config.tls_cert) if tls else None,
+                                   ssl_keyfile=str(self.config.tls_key) if tls else None,
+                                   grace_s=self.config.grace_s)
+            self.http_port = await self.http.start()
+            log.info("HTTP APIs (TEI, Cohere/Jina) on %s:%s", self.config.host, self.http_port)
         log.info("pe-rank serving on %s:%s (Triton: %s)", self.config.host, self.port, ", ".join(self.config.triton_urls))
         return self.port
 
@@ -74,7 +92,12 @@ class RankingServer:
         if self.server is None:
             return
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(self.config.grace_s)
+        # both stop taking requests and let running ones finish, within the same grace
+        stopping = [self.server.stop(self.config.grace_s)]
+        if self.http is not None:
+            stopping.append(self.http.stop())
+        await asyncio.gather(*stopping)
+        self.http = None
         await self.pool.close()
         self.server = None
 
@@ -88,6 +111,10 @@ async def serve_until_signalled(config: ServiceConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     print(f"pe-rank ready on {config.host}:{server.port}. Try:\n"
           f"  pe-rank rerank --server {config.host}:{server.port} --input examples/dl19_request.json", flush=True)
+    if server.http_port is not None:
+        scheme = "https" if config.tls_cert else "http"
+        print(f"HTTP APIs (TEI /rerank, Cohere/Jina /v1/rerank and /v2/rerank) on "
+              f"{scheme}://{config.host}:{server.http_port}; OpenAPI at /docs and /openapi.json", flush=True)
     await stop.wait()
     log.info("stopping: draining in-flight requests (up to %.0f s)", config.grace_s)
     await server.stop()

@@ -1,0 +1,110 @@
+"""The service's typed errors and their one mapping to gRPC and HTTP statuses.
+
+Every API (pe_rank.v1 and tei.v1 over gRPC, TEI and Cohere/Jina over HTTP) raises these and
+answers them through :func:`grpc_status` or :func:`http_status`, so one fault gets one status
+and one message everywhere. Messages are short, stable and end with the request id; what
+went wrong inside (Triton URLs, exception types) goes to the log only.
+"""
+from __future__ import annotations
+
+import time
+from typing import NoReturn
+
+import grpc
+
+
+class ServiceError(Exception):
+    """A request the service did not answer; ``message`` is what the client sees."""
+
+    kind = "internal"
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.field = message, field
+
+    def text(self, request_id: str) -> str:
+        """``field: message (request ID)``: the field first, so clients can match on it."""
+        head = f"{self.field}: {self.message}" if self.field else self.message
+        return f"{head} (request {request_id})"
+
+
+class InvalidArgument(ServiceError):
+    kind = "validation"
+
+
+class TooLarge(ServiceError):
+    """Over a size limit (passages, query length, tokens with truncate=false, body size)."""
+
+    kind = "too_large"
+
+
+class Overloaded(ServiceError):
+    kind = "overloaded"
+
+
+class Unavailable(ServiceError):
+    kind = "unhealthy"
+
+
+class DeadlineExceeded(ServiceError):
+    kind = "deadline"
+
+
+class Internal(ServiceError):
+    kind = "internal"
+
+
+class Cancelled(ServiceError):
+    """The client went away; never sent, only counted."""
+
+    kind = "cancelled"
+
+
+_GRPC = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    TooLarge: grpc.StatusCode.INVALID_ARGUMENT,  # as TEI's gRPC router answers validation errors
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Internal: grpc.StatusCode.INTERNAL,
+    Cancelled: grpc.StatusCode.CANCELLED,
+}
+
+_HTTP = {
+    InvalidArgument: 422,
+    TooLarge: 413,
+    Overloaded: 429,
+    Unavailable: 503,
+    DeadlineExceeded: 504,
+    Internal: 500,
+    Cancelled: 499,
+}
+
+
+def grpc_status(error: ServiceError) -> grpc.StatusCode:
+    return _GRPC[type(error)]
+
+
+def http_status(error: ServiceError, request_id: str) -> tuple[int, dict]:
+    """Status and JSON body: TEI's ``error``/``error_type``, Cohere's ``message``, and the field."""
+    text = error.text(request_id)
+    body = {"error": text, "error_type": error.kind, "message": text, "request_id": request_id}
+    if error.field:
+        body["field"] = error.field
+    return _HTTP[type(error)], body
+
+
+def metric_label(error: ServiceError | None) -> str:
+    """The ``status`` label of pe_rank_requests_total: gRPC code names, whatever the API."""
+    return "OK" if error is None else grpc_status(error).name
+
+
+async def grpc_abort(context: grpc.aio.ServicerContext, error: ServiceError, request_id: str) -> NoReturn:
+    await context.abort(grpc_status(error), error.text(request_id))
+    raise AssertionError("unreachable")  # context.abort raises
+
+
+def grpc_deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline on time.monotonic()'s clock, None if the client set none."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
