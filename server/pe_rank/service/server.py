@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from typing import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -12,17 +13,20 @@ from grpc_reflection.v1alpha import reflection
 
 from ..v1 import ranker_pb2_grpc as pb_grpc
 from .app import SERVICE_NAME, RankerService, RepositoryView, ServiceConfig
+from .auth import AuthOptions
 from .metrics import Metrics
 from .pool import TritonPool
 
 log = logging.getLogger("pe_rank.service")
+EXIT_TRITON_GAVE_UP = 69  # sysexits EX_UNAVAILABLE: the embedded Triton could not be kept running
 
 
 class RankingServer:
     """Start with ``await start()``; ``await stop()`` drains in-flight requests first."""
 
-    def __init__(self, config: ServiceConfig) -> None:
+    def __init__(self, config: ServiceConfig, auth: AuthOptions | None = None) -> None:
         self.config = config
+        self.auth = auth or AuthOptions()
         self.metrics = Metrics()
         self.health = health_aio.HealthServicer()
         self.pool = TritonPool(config.triton_urls, on_health_change=self._health_changed, poll_s=config.health_poll_s)
@@ -44,8 +48,10 @@ class RankingServer:
     async def start(self) -> int:
         repo = RepositoryView(self.config.repository)
         limit = self.config.max_message_mb << 20
+        interceptors = self.auth.interceptors(lambda reason: self.metrics.unauthenticated.labels(reason).inc())
         self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
-                                               ("grpc.max_send_message_length", limit)])
+                                               ("grpc.max_send_message_length", limit)],
+                                      interceptors=interceptors)
         self.service = RankerService(self.config, repo, self.pool, self.metrics)
         pb_grpc.add_RankerServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -54,7 +60,9 @@ class RankingServer:
             self.server)
         address = f"{self.config.host}:{self.config.port}"
         if self.config.tls_cert and self.config.tls_key:
-            creds = grpc.ssl_server_credentials([(self.config.tls_key.read_bytes(), self.config.tls_cert.read_bytes())])
+            client_ca = self.auth.client_ca.read_bytes() if self.auth.client_ca else None
+            creds = grpc.ssl_server_credentials([(self.config.tls_key.read_bytes(), self.config.tls_cert.read_bytes())],
+                                                root_certificates=client_ca, require_client_auth=client_ca is not None)
             self.port = self.server.add_secure_port(address, creds)
         else:
             self.port = self.server.add_insecure_port(address)
@@ -79,15 +87,34 @@ class RankingServer:
         self.server = None
 
 
-async def serve_until_signalled(config: ServiceConfig) -> None:
-    server = RankingServer(config)
-    await server.start()
+async def serve_until_signalled(config: ServiceConfig, auth: AuthOptions | None = None,
+                                watch_fatal: Callable[[Callable[[str], None]], None] | None = None) -> int:
+    """Serve until SIGTERM/SIGINT (exit code 0) or a fatal report (EXIT_TRITON_GAVE_UP).
+
+    ``watch_fatal(report)`` hands a thread-safe ``report(reason)`` to whoever can detect a
+    fault the server cannot recover from (the Triton supervisor after N failed restarts).
+    """
+    server = RankingServer(config, auth)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    fatal: list[str] = []
+
+    def report(reason: str) -> None:
+        def on_loop() -> None:
+            fatal.append(reason)
+            stop.set()
+        loop.call_soon_threadsafe(on_loop)
+
+    if watch_fatal is not None:
+        watch_fatal(report)
+    await server.start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     print(f"pe-rank ready on {config.host}:{server.port}. Try:\n"
           f"  pe-rank rerank --server {config.host}:{server.port} --input examples/dl19_request.json", flush=True)
     await stop.wait()
+    if fatal:
+        log.critical("exiting with code %d: %s", EXIT_TRITON_GAVE_UP, fatal[0])
     log.info("stopping: draining in-flight requests (up to %.0f s)", config.grace_s)
     await server.stop()
+    return EXIT_TRITON_GAVE_UP if fatal else 0
