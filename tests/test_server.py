@@ -29,6 +29,7 @@ from pe_rank.core.tokenization import load_prompt_tokenizer
 from pe_rank.core.types import Passage, RerankRequest
 from pe_rank.triton.embedded import TritonServer, free_port, shm_regions
 from pe_rank.v1 import ranker_pb2 as pb
+from pe_rank.v1 import ranker_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.triton
 
@@ -427,9 +428,14 @@ def test_every_limit_in_model_info_is_the_one_enforced(services):
     long_text = "flea " * (info.max_encoder_tokens + 10)
     assert _invalid_field(client, pb.RerankRequest(query="q", passages=[pb.Passage(id="a", text=long_text)],
                                                    truncate=False)) == "passages[0].text"
-    with pytest.raises(grpc.RpcError) as err:
-        client.rerank(pb.RerankRequest(query="q", passages=[pb.Passage(id="a", text="x" * info.max_message_bytes)]))
+    # past the message size: the server refuses it (this channel would send up to 128 MiB)
+    big = pb.RerankRequest(query="q", passages=[pb.Passage(id="a", text="x" * info.max_message_bytes)])
+    with grpc.insecure_channel(services("tiny-a").target,
+                               options=[("grpc.max_send_message_length", 128 << 20)]) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            pb_grpc.RankerStub(channel).Rerank(big, timeout=60)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than max" in err.value.details()
 
 
 def _invalid_field(client: RankerClient, msg: pb.RerankRequest) -> str:
