@@ -49,21 +49,26 @@ class TritonStartError(RuntimeError):
 
 _PR_SET_PDEATHSIG = 1
 SHM_DIR = Path("/dev/shm")
+try:  # loaded here, not in the forked child: dlopen after fork can deadlock
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux: the process group still cleans up
+    _PRCTL = None
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int) -> Callable[[], None]:
     """preexec_fn: SIGKILL this child when the thread that started it dies (Linux prctl).
 
     The signal fires when the *thread* that forked the child exits, so Triton must be started
     from a thread that lives as long as we want Triton to: the main thread or the supervisor's.
     """
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: the process group still cleans up
-        pass
-    if os.getppid() == 1:  # our parent died between fork and prctl
-        os._exit(1)
+
+    def preexec() -> None:
+        if _PRCTL is not None:
+            _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # we died between fork and prctl
+            os._exit(1)
+
+    return preexec
 
 
 def shm_regions(prefix: str) -> list[Path]:
@@ -199,7 +204,8 @@ class TritonServer:
         log.info("starting Triton: %s", " ".join(cmd))
         self.lines.clear()
         self.process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        errors="replace", start_new_session=True, preexec_fn=_die_with_parent)
+                                        errors="replace", start_new_session=True,
+                                        preexec_fn=_die_with_parent(os.getpid()))
         if not self._atexit:
             atexit.register(self.stop)
             self._atexit = True
