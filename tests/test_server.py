@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
+import signal
 import ssl
 import subprocess
 import sys
+import threading
 import tempfile
 import time
 import urllib.request
@@ -20,12 +24,14 @@ import tritonclient.grpc as tclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import CONFORMANCE, case_id, conformance_cases, triton_metric
+from test_embedded_triton import group_members, running
 from pe_rank.client import AsyncRankerClient, RankerClient
 from pe_rank.core.prompt import PromptBuilder
 from pe_rank.core.tokenization import load_prompt_tokenizer
 from pe_rank.core.types import Passage, RerankRequest
-from pe_rank.triton.embedded import TritonServer, free_port
+from pe_rank.triton.embedded import TritonServer, free_port, shm_regions
 from pe_rank.v1 import ranker_pb2 as pb
+from pe_rank.v1 import ranker_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.triton
 
@@ -33,7 +39,10 @@ pytestmark = pytest.mark.triton
 class Service:
     """`pe-rank serve` as a subprocess, pointed at Triton servers we control."""
 
-    def __init__(self, repository: Path, triton_urls: list[str], *args: str, root_cert: Path | None = None) -> None:
+    def __init__(self, repository: Path, triton_urls: list[str], *args: str, root_cert: Path | None = None,
+                 api_key: str | None = None, client_cert: Path | None = None, client_key: Path | None = None,
+                 ready_timeout: float = 90) -> None:
+        """No ``triton_urls``: the service starts (and supervises) its own embedded Triton."""
         self.port, self.metrics_port = free_port(), free_port()
         cmd = [sys.executable, "-m", "pe_rank", "serve", "--repository", str(repository), "--port", str(self.port),
                "--metrics-port", str(self.metrics_port), "--grace", "5", *args]
@@ -42,13 +51,16 @@ class Service:
         self.log = tempfile.TemporaryFile(mode="w+")  # read back for failure messages, gone on close
         self.process = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         self.target = f"127.0.0.1:{self.port}"
-        self.root_cert = root_cert
-        self.client = RankerClient(self.target, root_cert=root_cert)
-        self.wait_health(health_pb2.HealthCheckResponse.SERVING, timeout=90)
+        self.root_cert, self.client_cert, self.client_key = root_cert, client_cert, client_key
+        self.client = RankerClient(self.target, root_cert=root_cert, api_key=api_key, client_cert=client_cert,
+                                   client_key=client_key)
+        self.wait_health(health_pb2.HealthCheckResponse.SERVING, timeout=ready_timeout)
 
     def channel(self) -> grpc.Channel:
         if self.root_cert:
-            return grpc.secure_channel(self.target, grpc.ssl_channel_credentials(self.root_cert.read_bytes()))
+            return grpc.secure_channel(self.target, grpc.ssl_channel_credentials(
+                self.root_cert.read_bytes(), self.client_key.read_bytes() if self.client_key else None,
+                self.client_cert.read_bytes() if self.client_cert else None))
         return grpc.insecure_channel(self.target)
 
     def health(self) -> int:
@@ -68,14 +80,15 @@ class Service:
             time.sleep(0.2)
         raise AssertionError(f"health never became {status}:\n{self.output()}")
 
-    def output(self) -> str:
+    def output(self, tail: int | None = 4000) -> str:
         self.log.seek(0)
-        return self.log.read()[-4000:]
+        text = self.log.read()
+        return text[-tail:] if tail else text
 
     def stop(self) -> None:
         self.client.close()
         self.process.terminate()
-        self.process.wait(timeout=30)
+        self.process.wait(timeout=60)
         self.log.close()
 
 
@@ -339,6 +352,8 @@ def test_model_info_health_reflection_and_metrics(services):
     assert _status_of(service.client, pb.RerankRequest(query="q")) == grpc.StatusCode.INVALID_ARGUMENT
     info = service.client.model_info()
     assert (info.hidden_size, info.embedding_size, info.max_passages) == (64, 32, 1000)
+    assert (info.max_query_chars, info.max_message_bytes, info.max_encoder_tokens) == (4096, 64 << 20, 512)
+    assert (info.min_window_size, info.max_window_size, info.max_concurrent_requests) == (2, 100, 64)
     assert info.embedding_mode == "exact" and "pe_llm" in info.triton_models
     assert service.health() == health_pb2.HealthCheckResponse.SERVING
     with grpc.insecure_channel(service.target) as channel:
@@ -441,3 +456,221 @@ def test_abandoned_requests_stop_and_leave_valid_ones_alone(services, tritons, d
     # 120 abandoned requests of 9 windows each: had they run on, pe_llm would have answered over 1000 windows
     assert triton_metric(triton, LLM_CALLS) - calls_before < 120 * 9 / 2
     assert np.median(stormy) <= 1.5 * np.median(quiet), (quiet, stormy)
+
+
+def test_every_limit_in_model_info_is_the_one_enforced(services):
+    """GetModelInfo's limits are the service's: at the limit accepted, one past it refused."""
+    client = services("tiny-a").client
+    info = client.model_info()
+    one = [pb.Passage(id="a", text="x"), pb.Passage(id="b", text="y")]
+    assert client.rerank(pb.RerankRequest(query="q" * info.max_query_chars, passages=one), timeout=60).ranks
+    assert _invalid_field(client, pb.RerankRequest(query="q" * (info.max_query_chars + 1), passages=one)) == "query"
+    many = [pb.Passage(id=str(i), text="x") for i in range(info.max_passages + 1)]
+    assert _invalid_field(client, pb.RerankRequest(query="q", passages=many)) == "passages"
+    assert _invalid_field(client, pb.RerankRequest(query="q", passages=one,
+                                                   window_size=info.max_window_size + 1)) == "window_size"
+    assert _invalid_field(client, pb.RerankRequest(query="q", passages=one,
+                                                   window_size=info.min_window_size - 1)) == "window_size"
+    long_text = "flea " * (info.max_encoder_tokens + 10)
+    assert _invalid_field(client, pb.RerankRequest(query="q", passages=[pb.Passage(id="a", text=long_text)],
+                                                   truncate=False)) == "passages[0].text"
+    # past the message size: the server refuses it (this channel would send up to 128 MiB)
+    big = pb.RerankRequest(query="q", passages=[pb.Passage(id="a", text="x" * info.max_message_bytes)])
+    with grpc.insecure_channel(services("tiny-a").target,
+                               options=[("grpc.max_send_message_length", 128 << 20)]) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            pb_grpc.RankerStub(channel).Rerank(big, timeout=60)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than max" in err.value.details()
+
+
+def _invalid_field(client: RankerClient, msg: pb.RerankRequest) -> str:
+    with pytest.raises(grpc.RpcError) as err:
+        client.rerank(msg, timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    return err.value.details().split(":", 1)[0]
+
+
+# ---- the embedded Triton, supervised by `pe-rank serve`
+
+def _tritonserver_of(service: Service) -> int:
+    """The pid of the service's embedded tritonserver (its direct child)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except FileNotFoundError:
+                continue
+            name, fields = stat.split("(", 1)[1].rsplit(")", 1)
+            if name == "tritonserver" and int(fields.split()[1]) == service.process.pid and running(int(entry)):
+                return int(entry)
+    raise AssertionError("no running tritonserver child:\n" + service.output())
+
+
+def test_a_killed_embedded_triton_is_restarted_under_load(exported, dl19):
+    service = Service(exported("tiny-b"), [], "--triton-backoff", "0.5", ready_timeout=300)
+    prefix = f"pe_rank_triton_{service.process.pid}_"
+    try:
+        first = _tritonserver_of(service)
+        first_group = group_members(first)
+        assert len(first_group) > 1 and shm_regions(prefix)  # Triton, its Python stubs, their shm
+        codes: list[grpc.StatusCode] = []
+        done = threading.Event()
+
+        def load(qi: int) -> None:  # a real client sending requests back to back
+            while not done.is_set():
+                codes.append(_status_of(service.client, big_request(dl19, 60, qi=qi)))
+
+        workers = [threading.Thread(target=load, args=(i,)) for i in range(4)]
+        for w in workers:
+            w.start()
+        try:
+            wait = time.monotonic() + 120
+            while grpc.StatusCode.OK not in codes and time.monotonic() < wait:
+                time.sleep(0.1)
+            os.kill(first, signal.SIGKILL)
+            killed_at = time.monotonic()
+            service.wait_health(health_pb2.HealthCheckResponse.NOT_SERVING, timeout=30)
+            service.wait_health(health_pb2.HealthCheckResponse.SERVING, timeout=300)
+            print(f"SERVING again {time.monotonic() - killed_at:.1f} s after the kill")
+            served_again = len(codes)
+            wait = time.monotonic() + 60
+            while grpc.StatusCode.OK not in codes[served_again:] and time.monotonic() < wait:
+                time.sleep(0.1)
+        finally:
+            done.set()
+            for w in workers:
+                w.join()
+        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, codes
+        assert grpc.StatusCode.UNAVAILABLE in codes and grpc.StatusCode.OK in codes[served_again:]
+        second = _tritonserver_of(service)
+        assert second != first and "Triton restarted" in service.output(tail=None)
+        assert not [m for m in first_group if running(m)], "a stub of the killed Triton lives on"
+        second_group = group_members(second)
+        assert service.client.rerank(big_request(dl19, 20), timeout=60).ranks
+    finally:
+        service.stop()
+    assert service.process.returncode == 0
+    assert not [m for m in first_group + second_group if running(m)]
+    assert not shm_regions(prefix), "shared memory left behind"
+
+
+def test_serve_exits_non_zero_when_triton_cannot_be_restarted(exported, tmp_path):
+    repo = shutil.copytree(exported("tiny-b"), tmp_path / "repo", symlinks=True)
+    service = Service(repo, [], "--triton-max-failures", "2", "--triton-backoff", "0.2", ready_timeout=300)
+    prefix = f"pe_rank_triton_{service.process.pid}_"
+    try:
+        triton = _tritonserver_of(service)
+        group = group_members(triton)
+        repo.rename(tmp_path / "moved")  # every restart now fails
+        os.kill(triton, signal.SIGKILL)
+        code = service.process.wait(timeout=180)
+        output = service.output(tail=None)
+    finally:
+        service.stop()
+    assert code == 69, output
+    assert "failed 2 time(s) in a row" in output
+    assert not [m for m in group if running(m)]
+    assert not shm_regions(prefix)
+
+
+# ---- who may call: API keys and mutual TLS
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+def _make_pki(d: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1, a client certificate it signed, and a rogue
+    client certificate from another CA: real X.509 files, made with the openssl CLI."""
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    for ca in ("ca", "rogue-ca"):
+        _openssl("req", "-x509", *ec, "-keyout", str(d / f"{ca}.key"), "-out", str(d / f"{ca}.pem"), "-days", "1",
+                 "-subj", f"/CN=pe-rank test {ca}")
+    leaves = {"server": ("ca", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth"),
+              "client": ("ca", "extendedKeyUsage=clientAuth"), "rogue": ("rogue-ca", "extendedKeyUsage=clientAuth")}
+    for name, (ca, ext) in leaves.items():
+        (d / f"{name}.ext").write_text(ext + "\n")
+        _openssl("req", *ec, "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.csr"), "-subj", f"/CN={name}")
+        _openssl("x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(d / f"{ca}.pem"), "-CAkey",
+                 str(d / f"{ca}.key"), "-CAcreateserial", "-out", str(d / f"{name}.pem"), "-days", "1",
+                 "-extfile", str(d / f"{name}.ext"))
+    return {p.stem if p.suffix == ".pem" else p.name: p for p in d.iterdir()}
+
+
+def _unauthenticated_counts(service: Service) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{service.metrics_port}/metrics") as page:
+        lines = page.read().decode().splitlines()
+    return {line.split('reason="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1]) for line in lines
+            if line.startswith("pe_rank_unauthenticated_requests_total{")}
+
+
+def test_api_keys_and_mutual_tls(tritons, exported, tmp_path, dl19):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    pki = _make_pki(tmp_path)
+    keys = tmp_path / "api-keys"
+    keys.write_text("# one key per line\nright-key-1\nright-key-2\n")
+    tls = dict(root_cert=pki["ca"], client_cert=pki["client"], client_key=tmp_path / "client.key")
+    # health is checked by Service with the client certificate but without a key: it stays open
+    service = Service(exported("tiny-a"), [tritons("tiny-a").grpc_url], "--tls-cert", str(pki["server"]),
+                      "--tls-key", str(tmp_path / "server.key"), "--tls-client-ca", str(pki["ca"]),
+                      "--api-key-file", str(keys), api_key="right-key-2", **tls)
+    request = big_request(dl19, 5)
+    try:
+        assert service.client.rerank(request, timeout=60).ranks
+        assert service.client.model_info(timeout=10).max_passages == 1000
+        for api_key, reason in ((None, "missing API key"), ("wrong-key", "invalid API key"),
+                                ("right-key-1x", "invalid API key")):
+            with RankerClient(service.target, api_key=api_key, **tls) as client:
+                for call in (lambda: client.rerank(request, timeout=30), lambda: client.model_info(timeout=10)):
+                    with pytest.raises(grpc.RpcError) as err:
+                        call()
+                    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                    assert err.value.details().startswith(reason)
+        assert _unauthenticated_counts(service) == {"missing": 2.0, "invalid": 4.0}
+        with service.channel() as channel:  # reflection stays open too (grpcurl, Postman)
+            assert "pe_rank.v1.Ranker" in ProtoReflectionDescriptorDatabase(channel).get_services()
+        # mutual TLS: without a client certificate, or with one from another CA, no connection at all
+        for cert, key in ((None, None), (pki["rogue"], tmp_path / "rogue.key")):
+            with RankerClient(service.target, root_cert=pki["ca"], api_key="right-key-2", client_cert=cert,
+                              client_key=key) as client, pytest.raises(grpc.RpcError) as err:
+                client.rerank(request, timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        # the CLI passes the key and the client certificate
+        req = tmp_path / "req.json"
+        req.write_text(json.dumps({"query": "fleas", "passages": [{"id": "a", "text": "flea"}, {"id": "b", "text": "x"}]}))
+        cli = [sys.executable, "-m", "pe_rank", "rerank", "--server", service.target, "--input", str(req), "--json",
+               "--tls-ca", str(pki["ca"]), "--tls-client-cert", str(pki["client"]),
+               "--tls-client-key", str(tmp_path / "client.key")]
+        ok = subprocess.run([*cli, "--api-key-file", str(keys)], capture_output=True, text=True, timeout=120)
+        assert ok.returncode == 0, ok.stderr
+        assert sorted(r["id"] for r in json.loads(ok.stdout)["ranking"]) == ["a", "b"]
+        refused = subprocess.run(cli, capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2 and "UNAUTHENTICATED: missing API key" in refused.stderr
+    finally:
+        service.stop()
+
+
+def test_api_key_alone_over_plaintext(tritons, exported, tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("k1\n")
+    service = Service(exported("tiny-a"), [tritons("tiny-a").grpc_url], "--api-key-file", str(keys), api_key="k1")
+    try:
+        assert service.client.model_info(timeout=10).max_passages == 1000
+        with RankerClient(service.target, api_key="k2") as client, pytest.raises(grpc.RpcError) as err:
+            client.model_info(timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert _unauthenticated_counts(service) == {"invalid": 1.0}
+    finally:
+        service.stop()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--api-key-file", "/nonexistent/keys"], "--api-key-file /nonexistent/keys"),
+    (["--tls-client-ca", "/nonexistent/ca.pem"], "--tls-client-ca needs --tls-cert"),
+])
+def test_bad_auth_flags_are_one_line_errors(exported, args, message):
+    proc = subprocess.run([sys.executable, "-m", "pe_rank", "serve", "--repository", str(exported("tiny-a")), *args],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr

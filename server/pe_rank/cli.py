@@ -49,6 +49,11 @@ def _add_rerank(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", type=Path, help="write the output JSON here")
     p.add_argument("--json", action="store_true", help="print the output JSON instead of a table")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    conn = p.add_argument_group("connection to --server")
+    conn.add_argument("--api-key-file", type=Path, help="send the first key in this file as 'authorization: Bearer'")
+    conn.add_argument("--tls-ca", type=Path, help="CA certificate (PEM) of the server: connect with TLS")
+    conn.add_argument("--tls-client-cert", type=Path, help="client certificate (PEM) for mutual TLS")
+    conn.add_argument("--tls-client-key", type=Path, help="client private key (PEM) for mutual TLS")
     p.set_defaults(func=cmd_rerank)
 
 
@@ -112,7 +117,25 @@ def _rerank_remote(args: argparse.Namespace, request) -> dict:
         raise InvalidRequest("mode", "mode text is only available in-process")
     from .client import rerank_json
 
-    return rerank_json(args.server, request)
+    return rerank_json(args.server, request, **_connection(args))
+
+
+def _connection(args: argparse.Namespace) -> dict:
+    """RankerClient keyword arguments from the --api-key-file / --tls-* flags."""
+    from .client import read_api_key
+
+    if bool(args.tls_client_cert) != bool(args.tls_client_key):
+        raise UserError("--tls-client-cert and --tls-client-key go together")
+    for flag in ("api_key_file", "tls_ca", "tls_client_cert", "tls_client_key"):
+        path = getattr(args, flag)
+        if path is not None and not path.is_file():
+            raise UserError(f"--{flag.replace('_', '-')} {path}: no such file")
+    try:
+        api_key = read_api_key(args.api_key_file) if args.api_key_file else None
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    return dict(root_cert=args.tls_ca, api_key=api_key, client_cert=args.tls_client_cert,
+                client_key=args.tls_client_key)
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:

@@ -243,4 +243,5 @@ class RankerService(pb_grpc.RankerServicer):
             default_window_size=20, default_stride=10, max_passages=c.max_passages,
             max_window_size=c.limits.max_window_size, max_encoder_tokens=ENCODER_MAX_TOKENS,
             max_concurrent_requests=c.max_concurrent, embedding_mode=c.embedding_mode, cache_size=c.cache_size,
+            max_query_chars=c.limits.max_query_chars, max_message_bytes=c.max_message_mb << 20, min_window_size=2,
         )

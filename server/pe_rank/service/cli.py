@@ -29,10 +29,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-size", type=int, default=10_000, help="embedding LRU entries; 0 disables it")
     p.add_argument("--embeddings", choices=EMBEDDING_MODES, default="exact",
                    help="exact: per window, bit-identical to the reference; cached: per passage, cheaper")
-    p.add_argument("--tls-cert", type=Path)
-    p.add_argument("--tls-key", type=Path)
+    p.add_argument("--tls-cert", type=Path, help="server certificate (PEM): serve TLS")
+    p.add_argument("--tls-key", type=Path, help="server private key (PEM)")
+    p.add_argument("--tls-client-ca", type=Path,
+                   help="CA (PEM) that signs client certificates: require mutual TLS (needs --tls-cert/--tls-key)")
+    p.add_argument("--api-key-file", type=Path,
+                   help="file with one API key per line: calls need 'authorization: Bearer KEY' "
+                        "(health and reflection stay open)")
     p.add_argument("--grace", type=float, default=30.0, help="seconds to drain in-flight requests on SIGTERM")
+    sup = p.add_argument_group("embedded Triton supervision (without --triton-url)")
+    sup.add_argument("--triton-max-failures", type=int, default=5,
+                     help="exit with code 69 after this many Triton failures in a row (default 5)")
+    sup.add_argument("--triton-backoff", type=float, default=1.0,
+                     help="seconds before the first restart; doubles per failure up to 30 s (default 1)")
+    sup.add_argument("--triton-stable", type=float, default=60.0,
+                     help="a Triton up this many seconds resets the failure count (default 60)")
     return p
+
+
+def _auth_options(args: argparse.Namespace):
+    from ..cli import UserError
+    from .auth import ApiKeys, AuthConfigError, AuthOptions
+
+    if args.tls_client_ca and not args.tls_cert:
+        raise UserError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS)")
+    if args.tls_client_ca and not args.tls_client_ca.is_file():
+        raise UserError(f"--tls-client-ca {args.tls_client_ca}: no such file")
+    try:
+        keys = ApiKeys.from_file(args.api_key_file) if args.api_key_file else None
+    except AuthConfigError as exc:
+        raise UserError(f"--api-key-file {exc}") from None
+    return AuthOptions(api_keys=keys, client_ca=args.tls_client_ca)
 
 
 def cli_main(argv: list[str]) -> int:
@@ -42,6 +69,9 @@ def cli_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
         raise UserError("--tls-cert and --tls-key go together")
+    if args.triton_max_failures < 1 or args.triton_backoff < 0 or args.triton_stable < 0:
+        raise UserError("--triton-max-failures must be >= 1, --triton-backoff and --triton-stable >= 0")
+    auth = _auth_options(args)
     if not (args.repository / "pe_llm" / "1" / "checkpoint").is_dir():
         raise UserError(f"{args.repository}: not an exported repository; run `pe-rank export --model CKPT "
                         f"--repository {args.repository}` first")
@@ -52,11 +82,23 @@ def cli_main(argv: list[str]) -> int:
         tls_key=args.tls_key, grace_s=args.grace, http_port=args.http_port,
     )
     if config.triton_urls:
-        asyncio.run(serve_until_signalled(config))
-        return 0
-    from ..triton.embedded import TritonServer
+        return asyncio.run(serve_until_signalled(config, auth))
+    from ..triton.embedded import TritonServer, TritonStartError, TritonSupervisor
 
-    with TritonServer(args.repository) as triton:
-        config.triton_urls = [triton.grpc_url]
-        asyncio.run(serve_until_signalled(config))
-    return 0
+    supervisor = TritonSupervisor(TritonServer(args.repository), max_failures=args.triton_max_failures,
+                                  backoff_s=args.triton_backoff, stable_s=args.triton_stable)
+    try:
+        supervisor.start()
+    except TritonStartError as exc:
+        raise UserError(str(exc)) from None
+    try:
+        config.triton_urls = [supervisor.grpc_url]
+
+        def watch_fatal(report) -> None:
+            supervisor.on_give_up = report
+            if supervisor.gave_up:  # gave up before we were listening
+                report(supervisor.gave_up)
+
+        return asyncio.run(serve_until_signalled(config, auth, watch_fatal))
+    finally:
+        supervisor.stop()

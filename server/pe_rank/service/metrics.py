@@ -21,6 +21,9 @@ class Metrics:
                                             "Prompt tokens taken from the prompt-head cache, not prefilled", registry=r)
         self.windows = Counter("pe_rank_windows", "Ranking windows run", registry=r)
         self.cache_hits = Counter("pe_rank_embedding_cache_hits", "Passages embedded from the cache", registry=r)
+        self.unauthenticated = Counter("pe_rank_unauthenticated_requests",
+                                       "Calls refused with UNAUTHENTICATED, by reason (missing or invalid API key)",
+                                       ["reason"], registry=r)
         self.in_flight = Gauge("pe_rank_requests_in_flight", "Rerank requests being served", registry=r)
 
     def observe(self, result) -> None:

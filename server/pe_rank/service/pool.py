@@ -22,7 +22,10 @@ import grpc
 log = logging.getLogger("pe_rank.pool")
 
 REQUIRED_MODELS = ("pe_tokenizer", "pe_encoder", "pe_projector", "pe_embed", "pe_llm")
-_CHANNEL_ARGS = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)]
+# A restarted Triton should be seen within about a second: gRPC's default reconnect backoff
+# grows to 120 s, which left the service NOT_SERVING ~10 s after an embedded Triton was back.
+_CHANNEL_ARGS = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20),
+                 ("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 1000)]
 _BALANCED = [*_CHANNEL_ARGS, ("grpc.lb_policy_name", "round_robin")]
 
 

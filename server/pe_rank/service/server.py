@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from typing import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -15,17 +16,20 @@ from ..tei.v1 import tei_pb2_grpc as tei_grpc
 from ..v1 import ranker_pb2_grpc as pb_grpc
 from . import tei
 from .app import SERVICE_NAME, RankerService, RankingService, RepositoryView, ServiceConfig
+from .auth import AuthOptions
 from .metrics import Metrics
 from .pool import TritonPool
 
 log = logging.getLogger("pe_rank.service")
+EXIT_TRITON_GAVE_UP = 69  # sysexits EX_UNAVAILABLE: the embedded Triton could not be kept running
 
 
 class RankingServer:
     """Start with ``await start()``; ``await stop()`` drains in-flight requests first."""
 
-    def __init__(self, config: ServiceConfig) -> None:
+    def __init__(self, config: ServiceConfig, auth: AuthOptions | None = None) -> None:
         self.config = config
+        self.auth = auth or AuthOptions()
         self.metrics = Metrics()
         self.health = health_aio.HealthServicer()
         self.pool = TritonPool(config.triton_urls, on_health_change=self._health_changed, poll_s=config.health_poll_s)
@@ -49,8 +53,10 @@ class RankingServer:
     async def start(self) -> int:
         repo = RepositoryView(self.config.repository)
         limit = self.config.max_message_mb << 20
+        interceptors = self.auth.interceptors(lambda reason: self.metrics.unauthenticated.labels(reason).inc())
         self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
-                                               ("grpc.max_send_message_length", limit)])
+                                               ("grpc.max_send_message_length", limit)],
+                                      interceptors=interceptors)
         self.ranking = RankingService(self.config, repo, self.pool, self.metrics)
         pb_grpc.add_RankerServicer_to_server(RankerService(self.ranking), self.server)
         tei_grpc.add_InfoServicer_to_server(tei.TeiInfo(self.ranking), self.server)
@@ -62,7 +68,9 @@ class RankingServer:
             self.server)
         address = f"{self.config.host}:{self.config.port}"
         if self.config.tls_cert and self.config.tls_key:
-            creds = grpc.ssl_server_credentials([(self.config.tls_key.read_bytes(), self.config.tls_cert.read_bytes())])
+            client_ca = self.auth.client_ca.read_bytes() if self.auth.client_ca else None
+            creds = grpc.ssl_server_credentials([(self.config.tls_key.read_bytes(), self.config.tls_cert.read_bytes())],
+                                                root_certificates=client_ca, require_client_auth=client_ca is not None)
             self.port = self.server.add_secure_port(address, creds)
         else:
             self.port = self.server.add_insecure_port(address)
@@ -102,11 +110,27 @@ class RankingServer:
         self.server = None
 
 
-async def serve_until_signalled(config: ServiceConfig) -> None:
-    server = RankingServer(config)
-    await server.start()
+async def serve_until_signalled(config: ServiceConfig, auth: AuthOptions | None = None,
+                                watch_fatal: Callable[[Callable[[str], None]], None] | None = None) -> int:
+    """Serve until SIGTERM/SIGINT (exit code 0) or a fatal report (EXIT_TRITON_GAVE_UP).
+
+    ``watch_fatal(report)`` hands a thread-safe ``report(reason)`` to whoever can detect a
+    fault the server cannot recover from (the Triton supervisor after N failed restarts).
+    """
+    server = RankingServer(config, auth)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    fatal: list[str] = []
+
+    def report(reason: str) -> None:
+        def on_loop() -> None:
+            fatal.append(reason)
+            stop.set()
+        loop.call_soon_threadsafe(on_loop)
+
+    if watch_fatal is not None:
+        watch_fatal(report)
+    await server.start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     print(f"pe-rank ready on {config.host}:{server.port}. Try:\n"
@@ -116,5 +140,8 @@ async def serve_until_signalled(config: ServiceConfig) -> None:
         print(f"HTTP APIs (TEI /rerank, Cohere/Jina /v1/rerank and /v2/rerank) on "
               f"{scheme}://{config.host}:{server.http_port}; OpenAPI at /docs and /openapi.json", flush=True)
     await stop.wait()
+    if fatal:
+        log.critical("exiting with code %d: %s", EXIT_TRITON_GAVE_UP, fatal[0])
     log.info("stopping: draining in-flight requests (up to %.0f s)", config.grace_s)
     await server.stop()
+    return EXIT_TRITON_GAVE_UP if fatal else 0

@@ -8,12 +8,20 @@ nvidia-pytriton wheel, whose Python backend needs a little set-up:
   first: otherwise the stub loads the system libpython, which may be an older patch
   release than the one our extension modules (e.g. ``_ssl``) were built against;
 * this virtualenv's ``python3`` first on PATH, so models import our packages.
+
+Triton and its Python backend stubs never outlive us: Triton runs in its own session (one
+process group, which also holds the stubs it forks) with a parent-death signal, and every
+stop or crash ends with SIGKILL to that group. Each start gets its own shared-memory prefix
+for the Python backend, so the regions of a crashed Triton can be found and removed.
+``TritonSupervisor`` restarts a Triton that died, with backoff.
 """
 from __future__ import annotations
 
 import argparse
 import atexit
 import collections
+import ctypes
+import glob
 import logging
 import os
 import re
@@ -26,7 +34,9 @@ import sysconfig
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
+from typing import Callable
 
 log = logging.getLogger("pe_rank.triton")
 _ERROR_LINE = re.compile(r"^E\d{4} |failed to load|UNAVAILABLE|error:", re.IGNORECASE)
@@ -35,6 +45,66 @@ _NOISE = ("CudaDriverHelper", "CUDA driver version is insufficient", "unable to 
 
 class TritonStartError(RuntimeError):
     """Triton did not become ready; the message carries Triton's own error lines."""
+
+
+_PR_SET_PDEATHSIG = 1
+SHM_DIR = Path("/dev/shm")
+try:  # loaded here, not in the forked child: dlopen after fork can deadlock
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux: the process group still cleans up
+    _PRCTL = None
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """preexec_fn: SIGKILL this child when the thread that started it dies (Linux prctl).
+
+    The signal fires when the *thread* that forked the child exits, so Triton must be started
+    from a thread that lives as long as we want Triton to: the main thread or the supervisor's.
+    """
+
+    def preexec() -> None:
+        if _PRCTL is not None:
+            _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # we died between fork and prctl
+            os._exit(1)
+
+    return preexec
+
+
+def shm_regions(prefix: str) -> list[Path]:
+    """The Python backend's shared-memory files of one Triton start (by its region prefix)."""
+    return [Path(p) for p in glob.glob(str(SHM_DIR / (glob.escape(prefix) + "*")))]
+
+
+_OUR_SHM = re.compile(r"^pe_rank_triton_(\d+)_")
+
+
+def remove_stale_shm() -> list[Path]:
+    """Remove the regions of embedded Tritons whose owning process is gone (e.g. SIGKILLed:
+    Triton then dies with it, but nothing was left to clean up). Only our own prefix is touched."""
+    removed = []
+    for path in SHM_DIR.glob("pe_rank_triton_*"):
+        match = _OUR_SHM.match(path.name)
+        if not match or _pid_running(int(match.group(1))):
+            continue
+        try:
+            path.unlink()
+            removed.append(path)
+        except (FileNotFoundError, PermissionError):
+            pass
+    if removed:
+        log.info("removed %d shared-memory region(s) left by dead pe-rank processes", len(removed))
+    return removed
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 def free_port() -> int:
@@ -108,8 +178,11 @@ class TritonServer:
         self.startup_timeout = startup_timeout
         self.log_file = log_file
         self.process: subprocess.Popen | None = None
+        self.shm_prefix = ""
+        self.started_at = 0.0
         self.lines: collections.deque[str] = collections.deque(maxlen=400)
         self._reader: threading.Thread | None = None
+        self._atexit = False
 
     @property
     def grpc_url(self) -> str:
@@ -120,15 +193,27 @@ class TritonServer:
         return f"127.0.0.1:{self.http_port}"
 
     def start(self) -> "TritonServer":
-        cmd, env = _command_and_env(self.repository, self.grpc_port, self.http_port, self.metrics_port, self.extra_args)
+        """Start and wait until ready; on failure everything it started is gone and TritonStartError says why."""
+        remove_stale_shm()
+        # a fresh prefix per start: a crashed start's regions are never reused, and ours are easy to find
+        self.shm_prefix = f"pe_rank_triton_{os.getpid()}_{uuid.uuid4().hex[:8]}_"
+        extra = list(self.extra_args)
+        if not any("shm-region-prefix-name" in a for a in extra):
+            extra.append(f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}")
+        cmd, env = _command_and_env(self.repository, self.grpc_port, self.http_port, self.metrics_port, extra)
         log.info("starting Triton: %s", " ".join(cmd))
+        self.lines.clear()
         self.process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        errors="replace", start_new_session=True)
-        atexit.register(self.stop)
+                                        errors="replace", start_new_session=True,
+                                        preexec_fn=_die_with_parent(os.getpid()))
+        if not self._atexit:
+            atexit.register(self.stop)
+            self._atexit = True
         self._reader = threading.Thread(target=self._forward_logs, daemon=True)
         self._reader.start()
         self._wait_ready()
-        log.info("Triton ready: gRPC %s, HTTP %s", self.grpc_url, self.http_url)
+        self.started_at = time.monotonic()
+        log.info("Triton ready (pid %d): gRPC %s, HTTP %s", self.process.pid, self.grpc_url, self.http_url)
         return self
 
     def _forward_logs(self) -> None:
@@ -172,38 +257,159 @@ class TritonServer:
             return False
 
     def _fail(self, headline: str) -> None:
-        """Kill the whole group (Python stubs outlive a Triton that failed after loading them)."""
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.process.wait()
+        self.cleanup()
         errors = self.error_lines() or list(self.lines)[-20:]
         raise TritonStartError(headline + ":\n" + "\n".join(errors))
 
     def is_alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM (Triton finishes in-flight requests), SIGKILL after ``timeout``."""
-        if self.process is None or self.process.poll() is not None:
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Triton's exit code once it has exited (reaped: no zombie), None if still running after ``timeout``."""
+        if self.process is None:
+            return None
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def cleanup(self) -> None:
+        """After Triton exited or to end it: SIGKILL its whole group (the Python stubs are in it
+        and may outlive a dead Triton), reap it, and remove its shared-memory regions."""
+        if self.process is None:
             return
         try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-        except ProcessLookupError:
+        except (ProcessLookupError, PermissionError):
             pass
+        self.process.wait()
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+        for path in shm_regions(self.shm_prefix) if self.shm_prefix else []:
+            try:
+                path.unlink()
+                log.info("removed leftover shared memory %s", path)
+            except FileNotFoundError:
+                pass
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM (Triton finishes in-flight requests), SIGKILL after ``timeout``; then :meth:`cleanup`."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("Triton did not stop within %.0f s of SIGTERM; killing it", timeout)
+            except ProcessLookupError:
+                pass
+        self.cleanup()
 
     def kill(self) -> None:
         """Hard stop, for fault-injection tests."""
-        if self.is_alive():
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        if self.process is not None:
+            self.cleanup()
 
     def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class TritonSupervisor:
+    """Keeps one embedded Triton running: a Triton that dies is cleaned up and started again.
+
+    Restarts wait ``backoff_s``, doubling up to ``max_backoff_s``. A restart that fails, or a
+    Triton that dies less than ``stable_s`` after becoming ready, counts as a failure; after
+    ``max_failures`` in a row the supervisor gives up and calls ``on_give_up(reason)`` (the
+    server then exits non-zero so systemd or Kubernetes restarts the whole thing). A Triton
+    that stayed up ``stable_s`` resets the count and the backoff. The ports never change, so
+    clients (the service's TritonPool) just see the server come back ready.
+
+    Restarts run on the supervisor's own thread, which lives until :meth:`stop`: the
+    parent-death signal of a Triton is tied to the thread that started it.
+    """
+
+    def __init__(self, server: TritonServer, max_failures: int = 5, backoff_s: float = 1.0,
+                 max_backoff_s: float = 30.0, stable_s: float = 60.0,
+                 on_give_up: Callable[[str], None] | None = None) -> None:
+        if max_failures < 1:
+            raise ValueError("max_failures must be at least 1")
+        self.server = server
+        self.max_failures, self.backoff_s, self.max_backoff_s, self.stable_s = (
+            max_failures, backoff_s, max_backoff_s, stable_s)
+        self.on_give_up = on_give_up
+        self.restarts = 0  # successful restarts, for logs and tests
+        self.failures = 0  # in a row
+        self.gave_up: str | None = None
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def grpc_url(self) -> str:
+        return self.server.grpc_url
+
+    def start(self) -> "TritonSupervisor":
+        """First start in the caller's thread (TritonStartError as usual), then watch it."""
+        self.server.start()
+        self._thread = threading.Thread(target=self._watch, name="triton-supervisor", daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        backoff = self.backoff_s
+        while not self._stopping.is_set():
+            code = self.server.wait(timeout=0.5)
+            if code is None or self._stopping.is_set():
+                continue
+            uptime = time.monotonic() - self.server.started_at
+            self.server.cleanup()  # stubs and shared memory of the dead instance
+            if uptime >= self.stable_s:
+                self.failures, backoff = 0, self.backoff_s
+            else:
+                self.failures += 1
+            log.error("Triton (pid %d) exited with code %s after %.0f s; %d failure(s) in a row",
+                      self.server.process.pid, code, uptime, self.failures)
+            while not self._stopping.is_set():
+                if self.failures >= self.max_failures:
+                    self._give_up(f"Triton failed {self.failures} time(s) in a row (limit {self.max_failures})")
+                    return
+                log.warning("restarting Triton in %.1f s", backoff)
+                if self._stopping.wait(backoff):
+                    return
+                backoff = min(backoff * 2, self.max_backoff_s)
+                try:
+                    self.server.start()
+                except TritonStartError as exc:
+                    self.failures += 1
+                    log.error("Triton restart failed (%d in a row): %s", self.failures, exc)
+                    continue
+                except OSError as exc:  # e.g. the binary vanished
+                    self.failures += 1
+                    log.error("Triton restart failed (%d in a row): %s", self.failures, exc)
+                    continue
+                self.restarts += 1
+                log.info("Triton restarted (restart %d)", self.restarts)
+                break
+
+    def _give_up(self, reason: str) -> None:
+        self.gave_up = reason
+        log.critical("%s; giving up", reason)
+        if self.on_give_up is not None:
+            self.on_give_up(reason)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """No more restarts; stop Triton (and one the watcher may be starting right now)."""
+        self._stopping.set()
+        self.server.stop(timeout)
+        while self._thread is not None and self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(0.5)
+            self.server.stop(timeout)  # a start that raced with the first stop
+        self.server.stop(timeout)
+
+    def __enter__(self) -> "TritonSupervisor":
         return self.start()
 
     def __exit__(self, *exc) -> None:
