@@ -4,6 +4,7 @@ unmodified clients against a real `pe-rank serve` on loopback: same order as the
 all four doors (in-process CLI, pe_rank.v1 gRPC, TEI gRPC, HTTP)."""
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -48,6 +49,14 @@ class ApiService(Service):
         super().__init__(*args, "--http-port", str(self.http_port), "--max-concurrent", str(MAX_CONCURRENT),
                          **kwargs)
         self.base_url = f"http://127.0.0.1:{self.http_port}"
+
+
+@pytest.fixture(autouse=True)
+def current_event_loop():
+    """tei-client's and Haystack's gRPC clients build grpc.aio channels from sync code, which needs a
+    current event loop; an earlier test's asyncio.run() leaves the main thread without one. The loop stays
+    current after the test: the clients close their channels on it when they are collected."""
+    asyncio.set_event_loop(asyncio.new_event_loop())
 
 
 @pytest.fixture(scope="module")

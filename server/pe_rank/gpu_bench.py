@@ -138,41 +138,27 @@ def exact_float32() -> Iterator[None]:
 # ---- fidelity on the device
 
 
-class _RecordingSession:
-    """A StepSession that keeps each window's prompt ids, picks and score vectors."""
-
-    def __init__(self, inner, windows: list[dict]) -> None:
-        self.inner = inner
-        self.windows = windows
-        self.record: dict | None = None
-
-    @property
-    def cached_tokens(self) -> int:
-        return self.inner.cached_tokens
-
-    async def start(self, prompt_ids: np.ndarray, passage_embeds: np.ndarray, last: bool = False) -> np.ndarray:
-        scores = await self.inner.start(prompt_ids, passage_embeds, last)
-        self.record = {"prompt_ids": np.array(prompt_ids), "picks": [], "scores": [np.array(scores)]}
-        self.windows.append(self.record)
-        return scores
-
-    async def step(self, index: int, last: bool = False) -> np.ndarray:
-        scores = await self.inner.step(index, last)
-        self.record["picks"].append(index)
-        self.record["scores"].append(np.array(scores))
-        return scores
-
-    async def end(self) -> None:
-        await self.inner.end()
-
-
 class _RecordingBackend:
-    def __init__(self, inner, windows: list[dict]) -> None:
-        self.inner = inner
+    """A window backend that decodes each window alone (start, then a step per pick, with the
+    ranker's own WindowDecoder) and keeps its prompt ids, picks and score vectors for the replay."""
+
+    def __init__(self, stepper, windows: list[dict]) -> None:
+        self.stepper = stepper
         self.windows = windows
 
-    def session(self) -> _RecordingSession:
-        return _RecordingSession(self.inner.session(), self.windows)
+    async def rank_window(self, job):
+        from .core.ranker import WindowDecoder, WindowOutcome
+
+        decoder = WindowDecoder(len(job.embeds), job.mode, job.emit)
+        state, scores = self.stepper.start(job.prompt_ids, job.embeds)
+        record = {"prompt_ids": np.array(job.prompt_ids), "picks": [], "scores": [np.array(scores)]}
+        self.windows.append(record)
+        while (pick := decoder.feed(scores)) is not None:
+            scores = self.stepper.step(state, pick)
+            record["picks"].append(pick)
+            record["scores"].append(np.array(scores))
+        return WindowOutcome(order=decoder.order, prompt_tokens=len(job.prompt_ids),
+                             cached_tokens=state.cached_tokens, decode_steps=decoder.decode_steps)
 
 
 class _RecordingSource:
@@ -227,7 +213,6 @@ async def conformance(folder: Path, device: str, dtype: str, limit: int | None =
     from .core.inprocess import InProcessEmbedder, in_process_reranker, stepper_for
     from .core.model import load_model
     from .core.reranker import Reranker
-    from .core.steps import InProcessBackend
     from .recorded_prompts import FILE as RECORDED, load as load_recorded
 
     missing = [name for name in CONFORMANCE_CHECKPOINTS if not (folder / f"{name}.cases.json").exists()]
@@ -259,7 +244,7 @@ async def conformance(folder: Path, device: str, dtype: str, limit: int | None =
                 windows: list[dict] = []
                 calls: list[list[int]] = []
                 reranker = Reranker(_RecordingEmbedder(InProcessEmbedder(model32), calls),
-                                    _RecordingBackend(InProcessBackend(stepper_for(model32)), windows),
+                                    _RecordingBackend(stepper_for(model32), windows),
                                     model32.prompts)
                 request = _request(case)
                 result = await reranker.rerank(request)
