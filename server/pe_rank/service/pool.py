@@ -102,6 +102,7 @@ class TritonPool:
         self.servers = [TritonServerState(u, grpcclient.InferenceServerClient(u, channel_args=_CHANNEL_ARGS))
                         for u in self.urls]
         self._task: asyncio.Task | None = None
+        self._refreshes: set[asyncio.Task] = set()
 
     @property
     def serving(self) -> bool:
@@ -130,7 +131,9 @@ class TritonPool:
     def mark_down(self, reason: str) -> None:
         """After a call failed UNAVAILABLE on every try: check every server now, not at the next poll."""
         log.warning("Triton unavailable: %s", reason)
-        asyncio.get_running_loop().create_task(self.refresh())
+        task = asyncio.get_running_loop().create_task(self.refresh())
+        self._refreshes.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._refreshes.discard)
 
     async def refresh(self) -> None:
         was = self.serving
