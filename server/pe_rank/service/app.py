@@ -154,8 +154,8 @@ class RankingService:
         self._record(error, request_id, api, time.perf_counter() if started is None else started)
 
     def _record(self, error: ServiceError | None, request_id: str, api: str, started: float, detail: str = "") -> None:
-        self.metrics.requests.labels(metric_label(error)).inc()
         status = metric_label(error)
+        self.metrics.requests.labels(status).inc()
         said = f": {error.text(request_id)}" if error is not None else ""
         log.info("request %s %s %s in %.1f ms%s%s", request_id, api, status, (time.perf_counter() - started) * 1e3,
                  said, f" [{detail}]" if detail else "")

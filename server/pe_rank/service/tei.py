@@ -38,8 +38,8 @@ def tei_field(name: str) -> str:
     return "texts" if name == "passages" else name
 
 
-def tei_request(query: str, texts: list[str], truncate: bool, return_text: bool, left_truncation: bool,
-                field_name=tei_field) -> RerankRequest:
+def tei_request(query: str, texts: list[str], truncate: bool, return_text: bool,
+                left_truncation: bool) -> RerankRequest:
     """TEI's rerank fields as a PE-Rank request (shared by the gRPC and HTTP TEI APIs)."""
     if left_truncation:
         raise InvalidArgument("only right truncation is supported (the encoder keeps a text's start)",

@@ -15,7 +15,6 @@ from ..core.ranker import WindowJob, WindowOutcome, window_arrays
 LLM_MODEL = "pe_llm"
 EMBED_MODEL = "pe_embed"
 PROJECTOR_MODEL = "pe_projector"
-RANK_MODEL = "pe_rank"
 
 
 def _tensor(name: str, array: np.ndarray, dtype: str | None = None):
