@@ -47,6 +47,7 @@ class ApiService(Service):
     def __init__(self, *args, **kwargs) -> None:
         self.http_port = free_port()
         super().__init__(*args, "--http-port", str(self.http_port), "--max-concurrent", str(MAX_CONCURRENT),
+                         "--max-queued", "0",
                          **kwargs)
         self.base_url = f"http://127.0.0.1:{self.http_port}"
 
@@ -299,8 +300,9 @@ def test_over_max_concurrent_is_429_and_counted(service, dl19):
                                   range(3 * MAX_CONCURRENT)))
     codes = [r.status_code for r in responses]
     assert 429 in codes and 200 in codes, codes
-    refused = next(r.json() for r in responses if r.status_code == 429)
-    assert refused["error_type"] == "overloaded" and "retry later" in refused["error"]
+    refused = next(r for r in responses if r.status_code == 429)
+    assert refused.json()["error_type"] == "overloaded" and "retry in" in refused.json()["error"]
+    assert int(refused.headers["retry-after"]) >= 1
     with urllib.request.urlopen(f"http://127.0.0.1:{service.metrics_port}/metrics") as page:
         metrics = page.read().decode()
     assert 'pe_rank_requests_total{status="RESOURCE_EXHAUSTED"}' in metrics

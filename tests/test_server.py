@@ -255,7 +255,7 @@ def _settles_to(probe, expected, within: float) -> None:
 
 
 def test_resource_exhausted_above_max_concurrent(tritons, exported, dl19):
-    service = Service(exported("tiny-a"), [tritons("tiny-a").grpc_url], "--max-concurrent", "1")
+    service = Service(exported("tiny-a"), [tritons("tiny-a").grpc_url], "--max-concurrent", "1", "--max-queued", "0")
     try:
         with ThreadPoolExecutor(4) as pool:
             futures = [pool.submit(_status_of, service.client, big_request(dl19, 100, qi=i)) for i in range(4)]
@@ -361,7 +361,11 @@ def test_model_info_health_reflection_and_metrics(services):
     info = service.client.model_info()
     assert (info.hidden_size, info.embedding_size, info.max_passages) == (64, 32, 1000)
     assert (info.max_query_chars, info.max_message_bytes, info.max_encoder_tokens) == (4096, 64 << 20, 512)
-    assert (info.min_window_size, info.max_window_size, info.max_concurrent_requests) == (2, 100, 64)
+    assert (info.min_window_size, info.max_window_size, info.max_concurrent_requests) == (2, 100, 8)
+    assert (info.max_queued_requests, info.max_queue_wait_ms, info.max_request_ms) == (16, 2000, 60000)
+    assert info.max_text_bytes == 8 << 20
+    assert "triton_urls" not in pb.ModelInfo.DESCRIPTOR.fields_by_name  # where Triton runs is not the client's
+    assert not [f for f in info.ListFields() if "127.0.0.1" in str(f[1])]
     assert info.embedding_mode == "exact" and "pe_llm" in info.triton_models
     assert service.health() == health_pb2.HealthCheckResponse.SERVING
     with grpc.insecure_channel(service.target) as channel:
@@ -372,6 +376,7 @@ def test_model_info_health_reflection_and_metrics(services):
     assert 'pe_rank_requests_total{status="OK"}' in text
     assert 'pe_rank_requests_total{status="INVALID_ARGUMENT"}' in text
     assert "pe_rank_request_duration_seconds_bucket" in text and "pe_rank_requests_in_flight" in text
+    assert "pe_rank_requests_queued" in text
     assert "pe_rank_prompt_tokens_cached_total" in text
 
 

@@ -29,6 +29,12 @@ class Limits:
     max_passages: int = 1000
     max_window_size: int = 100
     max_query_chars: int = 4096
+    max_text_bytes: int = 8 << 20  # query and passage texts together, UTF-8: bounds the tokenizers' work
+
+
+def _utf8_size(text: str) -> int:
+    """UTF-8 size without encoding when the text is ASCII (the common case: O(1))."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
 def validate_request(
@@ -41,6 +47,8 @@ def validate_request(
     prompts: PromptBuilder | None = None,
 ) -> None:
     """Raise InvalidRequest for the first problem found; ``token_counts`` checks truncate=false.
+
+    Size limits come first, so a huge request is refused before anything costly (tokenizing).
 
     ``allow_text``: accept mode ``text`` (the text-listwise baseline), which only the
     in-process CLI runs; the gRPC server refuses it. ``prompts``: build the first window's
@@ -58,6 +66,9 @@ def validate_request(
         raise InvalidRequest("passages", "at least one passage is required")
     if n > limits.max_passages:
         raise RequestTooLarge("passages", f"{n} passages exceed the limit of {limits.max_passages}")
+    text_bytes = _utf8_size(request.query) + sum(_utf8_size(p.text) for p in request.passages)
+    if text_bytes > limits.max_text_bytes:
+        raise RequestTooLarge("passages", f"{text_bytes} bytes of text exceed the limit of {limits.max_text_bytes}")
     if request.window_size < 2 or request.window_size > limits.max_window_size:
         raise InvalidRequest("window_size", f"must be in [2, {limits.max_window_size}], got {request.window_size}")
     if request.stride < 1 or request.stride >= request.window_size:
@@ -87,7 +98,7 @@ def validate_request(
         for (i, _), count in zip(texts, token_counts([t for _, t in texts])):
             if count > max_tokens:
                 raise RequestTooLarge(
-                    f"passages[{i}].text", f"is {count} encoder tokens, over the {max_tokens} limit (truncate=false)"
+                    f"passages[{i}].text", f"is over the {max_tokens} limit of encoder tokens (truncate=false)"
                 )
     if prompts is not None and request.mode is not Mode.TEXT:
         try:

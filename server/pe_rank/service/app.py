@@ -8,6 +8,7 @@ import logging
 import re
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -20,17 +21,19 @@ from ..core.prompt import PromptBuilder
 from ..core.reranker import Reranker
 from ..core.tokenization import load_prompt_tokenizer
 from ..core.types import RerankRequest, RerankResult, Timings
-from ..core.validation import InvalidRequest, Limits, RequestTooLarge, validate_request
+from ..core.ranker import window_bounds
+from ..core.validation import InvalidRequest, Limits, validate_request
 from ..triton.remote import TritonWindowBackend
 from ..v1 import ranker_pb2 as pb
 from ..v1 import ranker_pb2_grpc as pb_grpc
 from .cache import EmbeddingCache
 from .convert import request_from_proto, response_to_proto
 from .embedder import TritonEmbedder
-from .errors import (Cancelled, DeadlineExceeded, Internal, InvalidArgument, Overloaded, ServiceError, TooLarge,
-                     Unavailable, grpc_abort, grpc_deadline, metric_label)
+from .admission import Admission, AdmissionLimits
+from .errors import (Cancelled, DeadlineExceeded, Internal, ServiceError, from_exception, grpc_abort, grpc_deadline,
+                     metric_label)
 from .metrics import Metrics
-from .pool import REQUIRED_MODELS, NoTritonAvailable, TritonPool, triton_status
+from .pool import REQUIRED_MODELS, TritonPool, triton_status
 
 log = logging.getLogger("pe_rank.service")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Ranker"].full_name
@@ -44,7 +47,12 @@ class ServiceConfig:
     port: int = 50051
     max_passages: int = 1000
     max_window_size: int = 100
-    max_concurrent: int = 64
+    max_concurrent: int = 8       # requests ranked at once
+    max_queued: int = 16          # requests waiting for a slot
+    max_queue_wait_s: float = 2.0
+    max_request_s: float = 60.0   # server-side bound on a request's time; 0: none
+    max_text_bytes: int = 8 << 20
+    cpu_workers: int = 2          # threads converting and validating requests off the event loop
     cache_size: int = 10_000
     embedding_mode: str = "exact"
     metrics_port: int | None = None
@@ -55,9 +63,12 @@ class ServiceConfig:
     health_poll_s: float = 1.0
     http_port: int | None = None  # TEI and Cohere/Jina HTTP APIs; None: off
     limits: Limits = field(init=False)
+    admission: AdmissionLimits = field(init=False)
 
     def __post_init__(self) -> None:
-        self.limits = Limits(max_passages=self.max_passages, max_window_size=self.max_window_size)
+        self.limits = Limits(max_passages=self.max_passages, max_window_size=self.max_window_size,
+                             max_text_bytes=self.max_text_bytes)
+        self.admission = AdmissionLimits(self.max_concurrent, self.max_queued, self.max_queue_wait_s)
 
 
 class RepositoryView:
@@ -77,7 +88,33 @@ class RepositoryView:
         self.max_batch = _max_batch_size(repository / "pe_encoder" / "config.pbtxt")
 
     def token_counts(self, texts: list[str]) -> list[int]:
-        return [len(ids) for ids in self.encoder_tokenizer(texts, truncation=False)["input_ids"]]
+        """Encoder tokens per text, capped at one past the limit: all validation needs to know.
+
+        A long text's first ``_PREFIX_CHARS`` (cut at a space, so its words tokenize as in the
+        whole) usually already hold more tokens than the limit, so a multi-megabyte text costs
+        milliseconds; only texts whose prefix stays under the limit are tokenized whole.
+        """
+        cap = ENCODER_MAX_TOKENS + 1
+        counts = self._counts([_prefix(t) for t in texts], cap)
+        whole = [i for i, (t, c) in enumerate(zip(texts, counts)) if c < cap and len(_prefix(t)) < len(t)]
+        for i, c in zip(whole, self._counts([texts[i] for i in whole], cap)):
+            counts[i] = c
+        return counts
+
+    def _counts(self, texts: list[str], cap: int) -> list[int]:
+        if not texts:
+            return []
+        return [len(ids) for ids in self.encoder_tokenizer(texts, truncation=True, max_length=cap)["input_ids"]]
+
+
+_PREFIX_CHARS = 16 * (ENCODER_MAX_TOKENS + 1)
+
+
+def _prefix(text: str) -> str:
+    if len(text) <= _PREFIX_CHARS:
+        return text
+    cut = text.rfind(" ", 0, _PREFIX_CHARS)
+    return text[:cut] if cut > 0 else text
 
 
 def _max_batch_size(config_pbtxt: Path) -> int:
@@ -89,9 +126,10 @@ def _max_batch_size(config_pbtxt: Path) -> int:
 class RankingService:
     """The one ranking path behind every API (pe_rank.v1, tei.v1, TEI and Cohere HTTP).
 
-    :meth:`rank` is transport-independent: admission by --max-concurrent, validation
-    (core/validation.py, once), ranking on a ready Triton, metrics and the log line. It raises
-    :class:`~.errors.ServiceError`; each API only converts its request in and the answer out.
+    :meth:`rank` is transport-independent: conversion and validation (core/validation.py, once)
+    on CPU workers, admission (:mod:`.admission`), ranking on a ready Triton, metrics and the log
+    line. It raises :class:`~.errors.ServiceError`; each API only hands over a conversion of its
+    request and converts the answer out.
     """
 
     def __init__(self, config: ServiceConfig, repo: RepositoryView, pool: TritonPool, metrics: Metrics) -> None:
@@ -100,57 +138,74 @@ class RankingService:
             log.warning("windows capped at %d passages: the repository's max batch size", repo.max_batch)
             config.limits = dataclasses.replace(config.limits, max_window_size=repo.max_batch)
         self.cache = EmbeddingCache(config.cache_size)
-        self.in_flight = 0
+        self.admission = Admission(config.admission)
+        metrics.running.set_function(lambda: self.admission.running)
+        metrics.queued.set_function(lambda: self.admission.queued)
+        # as TEI's tokenization workers: conversion, validation and token counting of big requests
+        # must not hold the event loop (health checks and every other request wait on it)
+        self.workers = ThreadPoolExecutor(config.cpu_workers, thread_name_prefix="pe-rank-validate")
 
     @staticmethod
     def new_request_id() -> str:
         return uuid.uuid4().hex[:16]
 
-    async def rank(self, req: RerankRequest, deadline: float | None, request_id: str, api: str = "pe_rank.v1",
-                   field_name: Callable[[str], str] = str) -> RerankResult:
-        """Rank one request; ``deadline`` is on time.monotonic()'s clock (None: no deadline).
+    async def rank(self, convert: Callable[[], RerankRequest], deadline: float | None, request_id: str,
+                   api: str = "pe_rank.v1", field_name: Callable[[str], str] = str) -> RerankResult:
+        """Rank one request; ``convert()`` builds it from the API's message (run off the event loop).
 
-        ``field_name`` renames validation fields into the API's own (TEI's ``texts[3]`` for
-        ``passages[3].text``), so a client reads the name it sent.
+        ``deadline`` is the client's, on time.monotonic()'s clock (None: none); --max-request-time
+        bounds it. ``field_name`` renames validation fields into the API's own (TEI's ``texts[3]``
+        for ``passages[3].text``), so a client reads the name it sent.
         """
         started = time.perf_counter()
-        if self.in_flight >= self.config.max_concurrent:
-            error = Overloaded(f"more than {self.config.max_concurrent} requests in flight; retry later")
-            self.refused(error, request_id, api, started)
-            raise error
-        self.in_flight += 1
-        self.metrics.in_flight.inc()
+        deadline = self._deadline(deadline)
         error: ServiceError | None = None
         detail = ""
         try:
-            return await self._rerank(req, request_id, started, deadline)
-        except InvalidRequest as exc:
-            kind = TooLarge if isinstance(exc, RequestTooLarge) else InvalidArgument
-            error = kind(exc.reason, field=field_name(exc.field))
-        except asyncio.TimeoutError:
-            error = DeadlineExceeded("deadline exceeded while ranking")
+            req = await asyncio.get_running_loop().run_in_executor(self.workers, self._validated, convert)
+            windows = len(window_bounds(len(req.passages), req.window_size, req.stride))
+            async with self.admission.slot(windows, deadline) as queued_s:
+                ranked = time.perf_counter()
+                result = await self._rank(req, Timings(queue_ms=queued_s * 1e3), deadline)
+                self.admission.record(time.perf_counter() - ranked, windows)
+            result.timings.total_ms = (time.perf_counter() - started) * 1e3
+            self.metrics.passages.inc(len(req.passages))
+            self.metrics.observe(result)
+            return result
         except asyncio.CancelledError:
-            error = Cancelled("cancelled by the client")
+            # gRPC cancels the handler both when the client leaves and when its deadline passes
+            past = deadline is not None and time.monotonic() >= deadline - _DEADLINE_SLACK_S
+            error = DeadlineExceeded("deadline exceeded") if past else Cancelled("cancelled by the client")
             raise
-        except NoTritonAvailable as exc:
-            error, detail = Unavailable("no model server is ready; retry later"), str(exc)
-        except _TritonFailure as exc:
-            if exc.code is grpc.StatusCode.UNAVAILABLE:
-                error = Unavailable("the model server went away; retry later")
-            else:
-                error = Internal("the model server failed")
-            detail = exc.message
-        except Exception as exc:  # a bug or an unexpected model failure: never crash the server
-            log.exception("request %s failed", request_id)
-            error, detail = Internal("internal error"), f"{type(exc).__name__}: {exc}"
+        except Exception as exc:
+            error, detail = from_exception(exc)
+            code = triton_status(exc)
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                self.pool.mark_down(detail)
+            if error.field:
+                error.field = field_name(error.field)
+            if isinstance(error, Internal) and code is None:  # a bug: never crash the server, log it whole
+                log.exception("request %s failed", request_id)
         finally:
-            self.in_flight -= 1
-            self.metrics.in_flight.dec()
             self._record(error, request_id, api, started, detail)
         raise error
 
+    def _deadline(self, client: float | None) -> float | None:
+        limit = self.config.max_request_s
+        if not limit:
+            return client
+        server = time.monotonic() + limit
+        return server if client is None else min(client, server)
+
+    def _validated(self, convert: Callable[[], RerankRequest]) -> RerankRequest:
+        req = convert()
+        validate_request(req, self.repo.info.embedding_size, self.config.limits,
+                         token_counts=self.repo.token_counts, max_tokens=ENCODER_MAX_TOKENS,
+                         prompts=self.repo.prompts)
+        return req
+
     def refused(self, error: ServiceError, request_id: str, api: str, started: float | None = None) -> None:
-        """Count and log a request an API refused before :meth:`rank` (its shape, or no slot)."""
+        """Count and log a request an API refused before :meth:`rank` (its JSON shape, its size)."""
         self._record(error, request_id, api, time.perf_counter() if started is None else started)
 
     def _record(self, error: ServiceError | None, request_id: str, api: str, started: float, detail: str = "") -> None:
@@ -160,19 +215,7 @@ class RankingService:
         log.info("request %s %s %s in %.1f ms%s%s", request_id, api, status, (time.perf_counter() - started) * 1e3,
                  said, f" [{detail}]" if detail else "")
 
-    async def _rerank(self, req: RerankRequest, request_id: str, started: float,
-                      deadline: float | None) -> RerankResult:
-        validate_request(req, self.repo.info.embedding_size, self.config.limits,
-                         token_counts=self.repo.token_counts, max_tokens=ENCODER_MAX_TOKENS,
-                         prompts=self.repo.prompts)
-        self.metrics.passages.inc(len(req.passages))
-        queue_ms = (time.perf_counter() - started) * 1e3
-        result = await self._rank(req, Timings(queue_ms=queue_ms), deadline)
-        result.timings.total_ms = (time.perf_counter() - started) * 1e3
-        self.metrics.observe(result)
-        return result
-
-    async def _rank(self, req, timings: Timings, deadline: float | None):
+    async def _rank(self, req: RerankRequest, timings: Timings, deadline: float | None) -> RerankResult:
         """Embeddings and windows through Triton: one pe_llm call per window, any ready Triton each time.
 
         Cancellation (the client left) cancels this coroutine, and with it the Triton call in
@@ -186,27 +229,9 @@ class RankingService:
             return await asyncio.wait_for(reranker.rerank(req, timings), timeout)
         except ValueError as exc:  # e.g. a query holding the placeholder token's text
             raise InvalidRequest("query", str(exc)) from None
-        except (asyncio.TimeoutError, TimeoutError):
-            raise asyncio.TimeoutError() from None
-        except Exception as exc:
-            raise self._triton_failure(exc) from exc
-
-    def _triton_failure(self, exc: Exception) -> Exception:
-        code = triton_status(exc)
-        if code is None:
-            return exc
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-            self.pool.mark_down(str(exc)[:200])
-            return _TritonFailure(grpc.StatusCode.UNAVAILABLE, "no Triton could take the request")
-        if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-            return asyncio.TimeoutError()
-        return _TritonFailure(grpc.StatusCode.INTERNAL, f"Triton error: {exc}")
 
 
-class _TritonFailure(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
+_DEADLINE_SLACK_S = 0.05  # gRPC's deadline timer may fire a little before our clock says so
 
 
 class RankerService(pb_grpc.RankerServicer):
@@ -218,13 +243,7 @@ class RankerService(pb_grpc.RankerServicer):
     async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankResponse:
         request_id = self.ranking.new_request_id()
         try:
-            try:
-                req = request_from_proto(request)
-            except InvalidRequest as exc:
-                error = InvalidArgument(exc.reason, field=exc.field)
-                self.ranking.refused(error, request_id, "pe_rank.v1")
-                raise error from None
-            result = await self.ranking.rank(req, grpc_deadline(context), request_id)
+            result = await self.ranking.rank(lambda: request_from_proto(request), grpc_deadline(context), request_id)
         except ServiceError as exc:
             await grpc_abort(context, exc, request_id)
         return response_to_proto(result, request_id)
@@ -239,9 +258,11 @@ class RankerService(pb_grpc.RankerServicer):
             encoder=f"{enc.get('model_type')} (hidden {info.embedding_size}, {info.pooling} pooling, "
                     f"{info.projector_type} projector)",
             hidden_size=info.hidden_size, embedding_size=info.embedding_size,
-            triton_models=list(REQUIRED_MODELS), triton_urls=[s.url for s in self.ranking.pool.servers],
+            triton_models=list(REQUIRED_MODELS),
             default_window_size=20, default_stride=10, max_passages=c.max_passages,
             max_window_size=c.limits.max_window_size, max_encoder_tokens=ENCODER_MAX_TOKENS,
             max_concurrent_requests=c.max_concurrent, embedding_mode=c.embedding_mode, cache_size=c.cache_size,
             max_query_chars=c.limits.max_query_chars, max_message_bytes=c.max_message_mb << 20, min_window_size=2,
+            max_queued_requests=c.max_queued, max_queue_wait_ms=round(c.max_queue_wait_s * 1e3),
+            max_request_ms=round(c.max_request_s * 1e3), max_text_bytes=c.limits.max_text_bytes,
         )

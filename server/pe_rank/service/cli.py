@@ -24,8 +24,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "/health, /info, /openapi.json) on this port; off by default")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port")
     p.add_argument("--max-passages", type=int, default=1000)
-    p.add_argument("--max-concurrent", type=int, default=64,
-                   help="requests in flight (all APIs together) before RESOURCE_EXHAUSTED / HTTP 429")
+    adm = p.add_argument_group("admission (all APIs together; size them with `pe-rank bench`)")
+    adm.add_argument("--max-concurrent", type=int, default=8,
+                     help="requests ranked at once (default 8)")
+    adm.add_argument("--max-queued", type=int, default=16,
+                     help="requests waiting for a slot; more get RESOURCE_EXHAUSTED / HTTP 429 at once (default 16)")
+    adm.add_argument("--max-queue-wait", type=float, default=2.0,
+                     help="seconds a request may wait for a slot; a longer (estimated or actual) wait is "
+                          "RESOURCE_EXHAUSTED / 429 with a retry hint (default 2)")
+    adm.add_argument("--max-request-time", type=float, default=60.0,
+                     help="server-side limit on a request's seconds, queue included: DEADLINE_EXCEEDED / 504 "
+                          "(default 60; 0: none)")
+    adm.add_argument("--max-text-mb", type=float, default=8.0,
+                     help="MiB of query and passage text (UTF-8) per request; more is refused before any "
+                          "tokenizing (default 8)")
     p.add_argument("--cache-size", type=int, default=10_000, help="embedding LRU entries; 0 disables it")
     p.add_argument("--embeddings", choices=EMBEDDING_MODES, default="exact",
                    help="exact: per window, bit-identical to the reference; cached: per passage, cheaper")
@@ -69,6 +81,10 @@ def cli_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
         raise UserError("--tls-cert and --tls-key go together")
+    if args.max_concurrent < 1 or args.max_queued < 0 or args.max_queue_wait < 0 or args.max_request_time < 0 \
+            or args.max_text_mb <= 0:
+        raise UserError("--max-concurrent must be >= 1; --max-queued, --max-queue-wait and --max-request-time >= 0; "
+                        "--max-text-mb > 0")
     if args.triton_max_failures < 1 or args.triton_backoff < 0 or args.triton_stable < 0:
         raise UserError("--triton-max-failures must be >= 1, --triton-backoff and --triton-stable >= 0")
     auth = _auth_options(args)
@@ -77,7 +93,9 @@ def cli_main(argv: list[str]) -> int:
                         f"--repository {args.repository}` first")
     config = ServiceConfig(
         repository=args.repository, triton_urls=list(args.triton_url), host=args.host, port=args.port,
-        max_passages=args.max_passages, max_concurrent=args.max_concurrent, cache_size=args.cache_size,
+        max_passages=args.max_passages, max_concurrent=args.max_concurrent, max_queued=args.max_queued,
+        max_queue_wait_s=args.max_queue_wait, max_request_s=args.max_request_time,
+        max_text_bytes=int(args.max_text_mb * (1 << 20)), cache_size=args.cache_size,
         embedding_mode=args.embeddings, metrics_port=args.metrics_port, tls_cert=args.tls_cert,
         tls_key=args.tls_key, grace_s=args.grace, http_port=args.http_port,
     )

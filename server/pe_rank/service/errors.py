@@ -7,6 +7,8 @@ went wrong inside (Triton URLs, exception types) goes to the log only.
 """
 from __future__ import annotations
 
+import asyncio
+import math
 import time
 from typing import NoReturn
 
@@ -39,7 +41,13 @@ class TooLarge(ServiceError):
 
 
 class Overloaded(ServiceError):
+    """No capacity now; ``retry_after_s`` is when a slot is expected to be free."""
+
     kind = "overloaded"
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class Unavailable(ServiceError):
@@ -81,17 +89,56 @@ _HTTP = {
 }
 
 
+def from_exception(exc: Exception) -> tuple[ServiceError, str]:
+    """Any failure of a request as what its client is told, and a detail for the log only.
+
+    The one conversion into :class:`ServiceError` (as TEI's router has one from its error type):
+    validation errors keep their field; Triton's faults become short, stable messages.
+    """
+    from ..core.validation import InvalidRequest, RequestTooLarge
+    from .pool import NoTritonAvailable, triton_status
+
+    if isinstance(exc, ServiceError):
+        return exc, ""
+    if isinstance(exc, RequestTooLarge):
+        return TooLarge(exc.reason, field=exc.field), ""
+    if isinstance(exc, InvalidRequest):
+        return InvalidArgument(exc.reason, field=exc.field), ""
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return DeadlineExceeded("deadline exceeded while ranking"), ""
+    if isinstance(exc, NoTritonAvailable):
+        return Unavailable("no model server is ready; retry later"), str(exc)
+    code = triton_status(exc)
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+        return Unavailable("the model server went away; retry later"), f"Triton: {str(exc)[:300]}"
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded("deadline exceeded while ranking"), ""
+    if code is not None:
+        return Internal("the model server failed"), f"Triton: {str(exc)[:300]}"
+    return Internal("internal error"), f"{type(exc).__name__}: {exc}"
+
+
 def grpc_status(error: ServiceError) -> grpc.StatusCode:
     return _GRPC[type(error)]
 
 
-def http_status(error: ServiceError, request_id: str) -> tuple[int, dict]:
-    """Status and JSON body: TEI's ``error``/``error_type``, Cohere's ``message``, and the field."""
+def http_status(error: ServiceError, request_id: str) -> tuple[int, dict, dict[str, str]]:
+    """Status, JSON body (TEI's ``error``/``error_type``, Cohere's ``message``, the field) and headers
+    (``Retry-After`` in whole seconds on 429)."""
     text = error.text(request_id)
     body = {"error": text, "error_type": error.kind, "message": text, "request_id": request_id}
     if error.field:
         body["field"] = error.field
-    return _HTTP[type(error)], body
+    headers = {"Retry-After": str(math.ceil(error.retry_after_s))} if isinstance(error, Overloaded) else {}
+    return _HTTP[type(error)], body, headers
+
+
+def retry_metadata(error: ServiceError) -> tuple[tuple[str, str], ...]:
+    """gRPC trailers of a refusal: ``grpc-retry-pushback-ms`` is what gRPC's own retry policy obeys."""
+    if not isinstance(error, Overloaded):
+        return ()
+    ms = str(max(int(error.retry_after_s * 1e3), 1))
+    return (("grpc-retry-pushback-ms", ms), ("retry-after-ms", ms))
 
 
 def metric_label(error: ServiceError | None) -> str:
@@ -100,7 +147,7 @@ def metric_label(error: ServiceError | None) -> str:
 
 
 async def grpc_abort(context: grpc.aio.ServicerContext, error: ServiceError, request_id: str) -> NoReturn:
-    await context.abort(grpc_status(error), error.text(request_id))
+    await context.abort(grpc_status(error), error.text(request_id), trailing_metadata=retry_metadata(error))
     raise AssertionError("unreachable")  # context.abort raises
 
 

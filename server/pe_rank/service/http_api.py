@@ -135,12 +135,11 @@ def build_app(ranking: RankingService) -> FastAPI:
     def refuse(error: ServiceError, request_id: str | None = None, api: str = "http") -> JSONResponse:
         request_id = request_id or ranking.new_request_id()
         ranking.refused(error, request_id, api)
-        status, body = http_status(error, request_id)
-        return JSONResponse(body, status_code=status)
+        return answer(error, request_id)
 
     def answer(error: ServiceError, request_id: str) -> JSONResponse:
-        status, body = http_status(error, request_id)  # already counted and logged by rank()
-        return JSONResponse(body, status_code=status)
+        status, body, headers = http_status(error, request_id)  # counted and logged by rank() or refuse()
+        return JSONResponse(body, status_code=status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _shape_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -149,20 +148,17 @@ def build_app(ranking: RankingService) -> FastAPI:
         field = _pydantic_field(tuple(first.get("loc", ())))
         return refuse(InvalidArgument(str(first.get("msg", "invalid")), field=field), api=api)
 
-    async def run(req: RerankRequest, request_id: str, api: str, field_name) -> RerankResult:
-        return await ranking.rank(req, None, request_id, api, field_name)
+    async def run(convert, request_id: str, api: str, field_name) -> RerankResult:
+        return await ranking.rank(convert, None, request_id, api, field_name)  # bounded by --max-request-time
 
     @app.post("/rerank", response_model=list[TeiRank], response_model_exclude_none=True, responses=_ERRORS,
               tags=["TEI"], summary="TEI: rank texts for a query, best first")
     async def tei_rerank(body: TeiRerankRequest):
         request_id = ranking.new_request_id()
         try:
-            req = tei_request(body.query, body.texts, bool(body.truncate), body.return_text,
-                              (body.truncation_direction or "right").lower() == "left")
-        except ServiceError as exc:
-            return refuse(exc, request_id, "tei-http")
-        try:
-            result = await run(req, request_id, "tei-http", tei_field)
+            result = await run(lambda: tei_request(body.query, body.texts, bool(body.truncate), body.return_text,
+                                                   (body.truncation_direction or "right").lower() == "left"),
+                               request_id, "tei-http", tei_field)
         except ServiceError as exc:
             return answer(exc, request_id)
         return [TeiRank(index=r.index, score=r.score, text=r.text) for r in result.ranking]
@@ -173,12 +169,15 @@ def build_app(ranking: RankingService) -> FastAPI:
             return refuse(InvalidArgument(f"PE-Rank's encoder reads {ENCODER_MAX_TOKENS} tokens of each document; "
                                           f"a smaller limit is not supported", field="max_tokens_per_doc"),
                           request_id, api)
-        texts = [d if isinstance(d, str) else d.text for d in body.documents]
-        req = RerankRequest(query=body.query, passages=tuple(Passage(id=str(i), text=t) for i, t in enumerate(texts)),
-                            top_n=body.top_n or None,  # 0 and null: all; negative: refused by validation
-                            return_text=body.return_documents)
+        def convert() -> RerankRequest:
+            texts = [d if isinstance(d, str) else d.text for d in body.documents]
+            return RerankRequest(query=body.query,
+                                 passages=tuple(Passage(id=str(i), text=t) for i, t in enumerate(texts)),
+                                 top_n=body.top_n or None,  # 0 and null: all; negative: refused by validation
+                                 return_text=body.return_documents)
+
         try:
-            result = await run(req, request_id, api, cohere_field)
+            result = await run(convert, request_id, api, cohere_field)
         except ServiceError as exc:
             return answer(exc, request_id)
         return CohereRerankResponse(
@@ -206,9 +205,7 @@ def build_app(ranking: RankingService) -> FastAPI:
     async def health():
         if ranking.pool.serving:
             return {"status": "ok"}
-        request_id = ranking.new_request_id()
-        status, body = http_status(Unavailable("no model server is ready"), request_id)
-        return JSONResponse(body, status_code=status)
+        return answer(Unavailable("no model server is ready"), ranking.new_request_id())
 
     @app.get("/info", tags=["service"], summary="TEI's /info: what is served, its limits, what scores mean")
     async def info():
@@ -216,7 +213,7 @@ def build_app(ranking: RankingService) -> FastAPI:
         return {
             "model_id": model_id(ranking), "model_sha": None, "model_dtype": "float32",
             "model_type": {"reranker": {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}},
-            "max_concurrent_requests": c.max_concurrent, "max_input_length": ENCODER_MAX_TOKENS,
+            "max_concurrent_requests": c.max_concurrent + c.max_queued, "max_input_length": ENCODER_MAX_TOKENS,
             "max_batch_tokens": ENCODER_MAX_TOKENS * c.limits.max_window_size, "max_batch_requests": None,
             "max_client_batch_size": c.max_passages, "tokenization_workers": 1, "version": version(),
             "sha": None, "docker_label": None,

@@ -12,7 +12,8 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter("pe_rank_requests", "Rerank requests by gRPC status", ["status"], registry=r)
-        self.latency = Histogram("pe_rank_request_duration_seconds", "Rerank latency by stage", ["stage"],
+        self.latency = Histogram("pe_rank_request_duration_seconds",
+                                 "Rerank latency by stage (queue: waiting for a slot)", ["stage"],
                                  buckets=_BUCKETS, registry=r)
         self.passages = Counter("pe_rank_passages", "Passages received in Rerank requests", registry=r)
         self.decode_steps = Counter("pe_rank_decode_steps", "LLM decode steps run", registry=r)
@@ -24,7 +25,8 @@ class Metrics:
         self.unauthenticated = Counter("pe_rank_unauthenticated_requests",
                                        "Calls refused with UNAUTHENTICATED, by reason (missing or invalid API key)",
                                        ["reason"], registry=r)
-        self.in_flight = Gauge("pe_rank_requests_in_flight", "Rerank requests being served", registry=r)
+        self.running = Gauge("pe_rank_requests_in_flight", "Rerank requests being ranked (holding a slot)", registry=r)
+        self.queued = Gauge("pe_rank_requests_queued", "Rerank requests waiting for a slot", registry=r)
 
     def observe(self, result) -> None:
         t = result.timings

@@ -17,6 +17,8 @@ from ..v1 import ranker_pb2_grpc as pb_grpc
 from . import tei
 from .app import SERVICE_NAME, RankerService, RankingService, RepositoryView, ServiceConfig
 from .auth import AuthOptions
+from .decoding import DecodeGuard
+from .errors import InvalidArgument
 from .metrics import Metrics
 from .pool import TritonPool
 
@@ -39,6 +41,11 @@ class RankingServer:
         self.http_port: int | None = None
         self._pending_health: set[asyncio.Task] = set()
 
+    def _undecodable(self, error: InvalidArgument, method: str) -> str:
+        request_id = self.ranking.new_request_id()
+        self.ranking.refused(error, request_id, method.strip("/").split("/")[0].rsplit(".", 1)[0])
+        return request_id
+
     def _health_changed(self, serving: bool) -> None:
         task = asyncio.get_running_loop().create_task(self._set_health(serving))
         self._pending_health.add(task)
@@ -53,7 +60,8 @@ class RankingServer:
     async def start(self) -> int:
         repo = RepositoryView(self.config.repository)
         limit = self.config.max_message_mb << 20
-        interceptors = self.auth.interceptors(lambda reason: self.metrics.unauthenticated.labels(reason).inc())
+        interceptors = [*self.auth.interceptors(lambda reason: self.metrics.unauthenticated.labels(reason).inc()),
+                        DecodeGuard(self._undecodable, (SERVICE_NAME, *tei.SERVICE_NAMES))]
         self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
                                                ("grpc.max_send_message_length", limit)],
                                       interceptors=interceptors)

@@ -62,7 +62,7 @@ class TeiInfo(tei_grpc.InfoServicer):
         c = self.ranking.config
         return tei.InfoResponse(
             version=version(), model_id=model_id(self.ranking), model_dtype="float32",
-            model_type=tei.MODEL_TYPE_RERANKER, max_concurrent_requests=c.max_concurrent,
+            model_type=tei.MODEL_TYPE_RERANKER, max_concurrent_requests=c.max_concurrent + c.max_queued,
             max_input_length=ENCODER_MAX_TOKENS, max_batch_tokens=ENCODER_MAX_TOKENS * c.limits.max_window_size,
             max_client_batch_size=c.max_passages, tokenization_workers=1,
         )
@@ -75,10 +75,10 @@ class TeiRerank(tei_grpc.RerankServicer):
     async def Rerank(self, request: tei.RerankRequest, context: grpc.aio.ServicerContext) -> tei.RerankResponse:
         request_id = self.ranking.new_request_id()
         try:
-            req = self._convert(lambda: tei_request(
+            result = await self.ranking.rank(lambda: tei_request(
                 request.query, list(request.texts), request.truncate, request.return_text,
-                request.truncation_direction == tei.TRUNCATION_DIRECTION_LEFT), request_id)
-            result = await self.ranking.rank(req, grpc_deadline(context), request_id, API, tei_field)
+                request.truncation_direction == tei.TRUNCATION_DIRECTION_LEFT),
+                grpc_deadline(context), request_id, API, tei_field)
         except ServiceError as exc:
             await grpc_abort(context, exc, request_id)
         return _response(result, request.query, list(request.texts))
@@ -100,18 +100,10 @@ class TeiRerank(tei_grpc.RerankServicer):
                 return tei_request(first.query, [m.text for m in messages], first.truncate, first.return_text,
                                    first.truncation_direction == tei.TRUNCATION_DIRECTION_LEFT)
 
-            req = self._convert(convert, request_id)
-            result = await self.ranking.rank(req, grpc_deadline(context), request_id, API, tei_field)
+            result = await self.ranking.rank(convert, grpc_deadline(context), request_id, API, tei_field)
         except ServiceError as exc:
             await grpc_abort(context, exc, request_id)
-        return _response(result, req.query, [p.text for p in req.passages])
-
-    def _convert(self, convert, request_id: str) -> RerankRequest:
-        try:
-            return convert()
-        except ServiceError as exc:
-            self.ranking.refused(exc, request_id, API)
-            raise
+        return _response(result, messages[0].query, [m.text for m in messages])
 
 
 def _response(result: RerankResult, query: str, texts: list[str]) -> tei.RerankResponse:

@@ -1,0 +1,223 @@
+"""Overload, huge and broken requests, deadlines: what a client gets and what the server logs.
+
+Real `pe-rank serve` subprocesses in front of the shared tiny Triton; gRPC clients on loopback.
+"""
+from __future__ import annotations
+
+import asyncio
+import statistics
+import threading
+import time
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from conftest import triton_metric
+from test_server import LIVE, Service, _settles_to, big_request
+from pe_rank.client import AsyncRankerClient
+from pe_rank.v1 import ranker_pb2 as pb
+from pe_rank.v1 import ranker_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.triton
+
+
+def metrics_of(service: Service) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{service.metrics_port}/metrics") as page:
+        return page.read().decode()
+
+
+def metric(service: Service, series: str) -> float:
+    for line in metrics_of(service).splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def log_lines(service: Service, request_id: str) -> list[str]:
+    return [line for line in service.output(tail=None).splitlines() if request_id in line]
+
+
+@pytest.fixture(scope="module")
+def small(tritons, exported):
+    """Two slots and no queue."""
+    service = Service(exported("tiny-a"), [tritons("tiny-a").grpc_url], "--max-concurrent", "2", "--max-queued", "0")
+    yield service
+    service.stop()
+
+
+def thousand(dl19, qi: int) -> pb.RerankRequest:
+    """1000 passages: about 100 windows, seconds of work even on the tiny model."""
+    msg = pb.RerankRequest(query=dl19[qi]["query"])
+    for i in range(10):
+        for p in big_request(dl19, 100, qi=(qi + i) % len(dl19)).passages:
+            msg.passages.add(id=f"{i}-{p.id}", text=p.text)
+    return msg
+
+
+# ---- admission
+
+
+async def _timed(client: AsyncRankerClient, msg: pb.RerankRequest) -> tuple[str, float, dict]:
+    t0 = time.perf_counter()
+    call = client.stub.Rerank(msg, timeout=120)
+    try:
+        await call
+        return "OK", time.perf_counter() - t0, {}
+    except grpc.RpcError as exc:
+        elapsed = time.perf_counter() - t0
+        return exc.code().name, elapsed, dict(await call.trailing_metadata() or ())
+
+
+def test_an_overload_burst_is_refused_at_once_and_the_admitted_keep_their_latency(small, dl19):
+    """12 clients at once on 2 slots: 10 fast refusals with a retry hint; the 2 admitted run about as
+    fast as one alone (before admission, 16 clients made every request 14x slower)."""
+    requests = [big_request(dl19, 100, qi=20 + i) for i in range(12)]
+
+    async def run():
+        async with AsyncRankerClient(small.target) as client:
+            await _timed(client, requests[0])  # warm
+            alone = [(await _timed(client, requests[i]))[1] for i in range(3)]
+            burst = await asyncio.gather(*(_timed(client, msg) for msg in requests))
+            return alone, burst
+
+    refused_before = metric(small, 'pe_rank_requests_total{status="RESOURCE_EXHAUSTED"}')
+    alone, burst = asyncio.run(run())
+    admitted = [s for code, s, _ in burst if code == "OK"]
+    refused = [(s, md) for code, s, md in burst if code == "RESOURCE_EXHAUSTED"]
+    assert len(admitted) + len(refused) == len(burst), burst
+    assert len(admitted) >= 2 and len(refused) >= 8, burst
+    assert max(s for s, _ in refused) < 1.0, "refusals must not wait"
+    assert all(int(md["grpc-retry-pushback-ms"]) > 0 for _, md in refused)
+    assert max(admitted) <= 2 * statistics.median(alone), (alone, admitted)
+    refused_now = metric(small, 'pe_rank_requests_total{status="RESOURCE_EXHAUSTED"}')
+    assert refused_now - refused_before == len(refused)
+
+
+def test_a_queued_request_waits_for_its_slot_and_the_wait_is_reported(tritons, exported, dl19):
+    service = Service(exported("tiny-a"), [tritons("tiny-a").grpc_url], "--max-concurrent", "1", "--max-queued", "4",
+                      "--max-queue-wait", "60")
+    try:
+        async def run():
+            async with AsyncRankerClient(service.target) as client:
+                return await asyncio.gather(*(client.rerank(big_request(dl19, 100, qi=25 + i), timeout=120)
+                                              for i in range(3)))
+
+        responses = asyncio.run(run())
+        queued = sorted(r.metadata.timings.queue_ms for r in responses)
+        total = sorted(r.metadata.timings.total_ms for r in responses)
+        # one slot: the second waited about one request's time, the third about two
+        assert queued[0] < 0.5 * total[0] and queued[1] > 0.5 * total[0] and queued[2] > queued[1]
+        text = metrics_of(service)
+        assert 'pe_rank_request_duration_seconds_count{stage="queue"} 3.0' in text
+        assert "pe_rank_requests_queued 0.0" in text and "pe_rank_requests_in_flight 0.0" in text
+    finally:
+        service.stop()
+
+
+def test_the_server_bounds_a_request_without_a_deadline(tritons, exported, dl19):
+    """--max-request-time: a 1000-passage request with no client deadline ends DEADLINE_EXCEEDED, and its
+    windows stop in Triton."""
+    triton = tritons("tiny-a")
+    service = Service(exported("tiny-a"), [triton.grpc_url], "--max-request-time", "0.5")
+    try:
+        t0 = time.perf_counter()
+        with pytest.raises(grpc.RpcError) as err:
+            service.client.rerank(thousand(dl19, 2))
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.perf_counter() - t0 < 5.0
+        _settles_to(lambda: triton_metric(triton, LIVE), 0, within=3.0)
+        assert metric(service, 'pe_rank_requests_total{status="DEADLINE_EXCEEDED"}') == 1
+    finally:
+        service.stop()
+
+
+# ---- the event loop stays free
+
+
+def test_health_stays_fast_while_huge_requests_are_refused(small, dl19):
+    """A 20 MB request is refused on its size before anything is tokenized; a request under the size limit
+    with over-long texts and truncate=false is token-counted off the event loop. Health checks meanwhile
+    answer in under 100 ms (one 20 MB request took the loop for 7.4 s before)."""
+    info = small.client.model_info()
+    huge = pb.RerankRequest(query="q", truncate=False,
+                            passages=[pb.Passage(id=str(i), text="lorem ipsum dolor " * 11_000) for i in range(100)])
+    assert huge.ByteSize() > 19_000_000
+    words = "lorem ipsum dolor sit amet " * (info.max_text_bytes // 100 // 28)  # just under the limit in all
+    long_texts = pb.RerankRequest(query="q", truncate=False,
+                                  passages=[pb.Passage(id=str(i), text=words) for i in range(100)])
+    outcomes: list[tuple[grpc.StatusCode, str]] = []
+    worst = 0.0
+
+    def send() -> None:
+        with grpc.insecure_channel(small.target, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
+            for msg in (huge, long_texts):
+                try:
+                    pb_grpc.RankerStub(channel).Rerank(msg, timeout=60)
+                    outcomes.append((grpc.StatusCode.OK, ""))
+                except grpc.RpcError as exc:
+                    outcomes.append((exc.code(), exc.details()))
+
+    with grpc.insecure_channel(small.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        sender = threading.Thread(target=send)
+        sender.start()
+        while sender.is_alive():
+            t0 = time.perf_counter()
+            health.Check(health_pb2.HealthCheckRequest(), timeout=30)
+            worst = max(worst, time.perf_counter() - t0)
+            time.sleep(0.01)
+        sender.join()
+    assert [code for code, _ in outcomes] == [grpc.StatusCode.INVALID_ARGUMENT] * 2, outcomes
+    assert outcomes[0][1].startswith("passages: ") and "bytes of text exceed the limit" in outcomes[0][1]
+    assert outcomes[1][1].startswith("passages[0].text: is over the 512 limit of encoder tokens")
+    assert worst < 0.1, f"a health check took {worst * 1e3:.0f} ms"
+
+
+# ---- codes and log lines
+
+
+@pytest.mark.parametrize("raw", [
+    pb.RerankRequest(query="QQQQ", passages=[pb.Passage(id="a", text="x")]).SerializeToString().replace(
+        b"QQQQ", b"\xff\xfe\xfd\xfc"),
+    b"\x0a\xff\xff\xff\xff\xff not protobuf",
+], ids=["invalid-utf8", "garbage"])
+def test_an_undecodable_request_is_invalid_argument_with_one_log_line(small, raw):
+    with grpc.insecure_channel(small.target) as channel:
+        call = channel.unary_unary("/pe_rank.v1.Ranker/Rerank", request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as err:
+            call(raw, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = err.value.details()
+    assert "not a valid pe_rank.v1.RerankRequest message" in details
+    assert "Error" not in details and "<class" not in details  # no Python exception names
+    request_id = details.rsplit("(request ", 1)[1].rstrip(")")
+    lines = log_lines(small, request_id)
+    assert len(lines) == 1 and "INFO" in lines[0] and "INVALID_ARGUMENT" in lines[0], lines
+    assert "Traceback" not in small.output(tail=None)
+
+
+def test_a_client_deadline_is_logged_as_deadline_exceeded_and_a_cancel_as_cancelled(small, dl19):
+    before = {code: metric(small, f'pe_rank_requests_total{{status="{code}"}}')
+              for code in ("DEADLINE_EXCEEDED", "CANCELLED")}
+    for i in range(3):
+        with pytest.raises(grpc.RpcError) as err:
+            small.client.rerank(thousand(dl19, 5 + i), timeout=0.5)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    async def cancel_midway():
+        async with AsyncRankerClient(small.target) as client:
+            call = client.stub.Rerank(thousand(dl19, 9))
+            await asyncio.sleep(0.5)
+            call.cancel()
+
+    asyncio.run(cancel_midway())
+    _settles_to(lambda: metric(small, 'pe_rank_requests_total{status="CANCELLED"}') - before["CANCELLED"], 1,
+                within=5.0)
+    # 18 of 20 deadlines were logged and counted as CANCELLED before
+    assert metric(small, 'pe_rank_requests_total{status="DEADLINE_EXCEEDED"}') - before["DEADLINE_EXCEEDED"] == 3
+    lines = small.output(tail=None).splitlines()
+    assert len([line for line in lines if " DEADLINE_EXCEEDED in " in line]) >= 3
+    assert len([line for line in lines if " CANCELLED in " in line]) >= 1
