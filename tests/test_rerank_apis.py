@@ -308,6 +308,35 @@ def test_over_max_concurrent_is_429_and_counted(service, dl19):
     assert 'pe_rank_requests_total{status="RESOURCE_EXHAUSTED"}' in metrics
 
 
+def test_an_http_client_that_leaves_stops_its_ranking(service, tritons, dl19):
+    """uvicorn runs a handler on after its client disconnected; the ranking must stop with the client, as a
+    cancelled gRPC call does: counted CANCELLED, and no window left in Triton."""
+    from conftest import triton_metric
+    from test_server import LIVE
+
+    texts = [h["content"] for q in dl19[:10] for h in q["hits"][:100]]  # 1000 texts: ~100 windows
+    before = _metric(service, 'pe_rank_requests_total{status="CANCELLED"}')
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{service.base_url}/rerank", json={"query": dl19[0]["query"], "texts": texts, "truncate": True},
+                   timeout=1.0)
+    deadline = time.monotonic() + 5
+    while _metric(service, 'pe_rank_requests_total{status="CANCELLED"}') == before:
+        assert time.monotonic() < deadline, "the ranking ran on after its HTTP client left"
+        time.sleep(0.1)
+    while triton_metric(tritons("tiny-a"), LIVE) != 0:
+        assert time.monotonic() < deadline + 3, "a window of the abandoned request is still live in Triton"
+        time.sleep(0.1)
+    assert "tei-http CANCELLED" in service.output()
+
+
+def _metric(service: Service, series: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{service.metrics_port}/metrics") as page:
+        for line in page.read().decode().splitlines():
+            if line.startswith(series + " "):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def test_no_ready_triton_is_503_and_unavailable(exported):
     """A server whose only Triton is not there: HTTP 503 with a JSON body, gRPC UNAVAILABLE, no URL leaked."""
     from tei_client import GrpcClient

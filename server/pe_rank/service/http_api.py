@@ -7,6 +7,7 @@ every error through :func:`.errors.http_status`.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 from typing import Any, Literal
@@ -20,7 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ..core.model import ENCODER_MAX_TOKENS
 from ..core.types import Passage, RerankRequest, RerankResult
 from .app import RankingService
-from .errors import InvalidArgument, ServiceError, TooLarge, Unavailable, http_status
+from .errors import Cancelled, InvalidArgument, ServiceError, TooLarge, Unavailable, http_status
 from .tei import SCORE_NOTE, model_id, tei_field, tei_request, version
 
 # ---- request and response bodies (shapes only; values are checked by core/validation.py)
@@ -83,6 +84,7 @@ class ErrorBody(BaseModel):
     field: str | None = None
 
 
+_DISCONNECT_POLL_S = 0.25
 _ERRORS = {code: {"model": ErrorBody} for code in (413, 422, 429, 503, 504)}
 
 
@@ -148,22 +150,31 @@ def build_app(ranking: RankingService) -> FastAPI:
         field = _pydantic_field(tuple(first.get("loc", ())))
         return refuse(InvalidArgument(str(first.get("msg", "invalid")), field=field), api=api)
 
-    async def run(convert, request_id: str, api: str, field_name) -> RerankResult:
-        return await ranking.rank(convert, None, request_id, api, field_name)  # bounded by --max-request-time
+    async def run(http: Request, convert, request_id: str, api: str, field_name) -> RerankResult:
+        """rank(), cancelled when the client disconnects (uvicorn lets a handler run on after that);
+        HTTP has no deadline, so --max-request-time bounds it."""
+        ranked = asyncio.ensure_future(ranking.rank(convert, None, request_id, api, field_name))
+        while not (await asyncio.wait({ranked}, timeout=_DISCONNECT_POLL_S))[0]:
+            if await http.is_disconnected():
+                ranked.cancel()  # counted and logged as CANCELLED by rank()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ranked
+                raise Cancelled("the client disconnected")
+        return ranked.result()
 
     @app.post("/rerank", response_model=list[TeiRank], response_model_exclude_none=True, responses=_ERRORS,
               tags=["TEI"], summary="TEI: rank texts for a query, best first")
-    async def tei_rerank(body: TeiRerankRequest):
+    async def tei_rerank(body: TeiRerankRequest, http: Request):
         request_id = ranking.new_request_id()
         try:
-            result = await run(lambda: tei_request(body.query, body.texts, bool(body.truncate), body.return_text,
+            result = await run(http, lambda: tei_request(body.query, body.texts, bool(body.truncate), body.return_text,
                                                    (body.truncation_direction or "right").lower() == "left"),
                                request_id, "tei-http", tei_field)
         except ServiceError as exc:
             return answer(exc, request_id)
         return [TeiRank(index=r.index, score=r.score, text=r.text) for r in result.ranking]
 
-    async def cohere_rerank(body: CohereRerankRequest, api: str) -> Any:
+    async def cohere_rerank(body: CohereRerankRequest, api: str, http: Request) -> Any:
         request_id = ranking.new_request_id()
         if body.max_tokens_per_doc is not None and body.max_tokens_per_doc < ENCODER_MAX_TOKENS:
             return refuse(InvalidArgument(f"PE-Rank's encoder reads {ENCODER_MAX_TOKENS} tokens of each document; "
@@ -177,7 +188,7 @@ def build_app(ranking: RankingService) -> FastAPI:
                                  return_text=body.return_documents)
 
         try:
-            result = await run(convert, request_id, api, cohere_field)
+            result = await run(http, convert, request_id, api, cohere_field)
         except ServiceError as exc:
             return answer(exc, request_id)
         return CohereRerankResponse(
@@ -192,13 +203,13 @@ def build_app(ranking: RankingService) -> FastAPI:
 
     @app.post("/v1/rerank", response_model=CohereRerankResponse, response_model_exclude_none=True,
               responses=_ERRORS, tags=["Cohere/Jina"], summary="Cohere v1 / Jina: rank documents for a query")
-    async def v1_rerank(body: CohereRerankRequest):
-        return await cohere_rerank(body, "cohere-v1")
+    async def v1_rerank(body: CohereRerankRequest, http: Request):
+        return await cohere_rerank(body, "cohere-v1", http)
 
     @app.post("/v2/rerank", response_model=CohereRerankResponse, response_model_exclude_none=True,
               responses=_ERRORS, tags=["Cohere/Jina"], summary="Cohere v2: rank documents for a query")
-    async def v2_rerank(body: CohereRerankRequest):
-        return await cohere_rerank(body, "cohere-v2")
+    async def v2_rerank(body: CohereRerankRequest, http: Request):
+        return await cohere_rerank(body, "cohere-v2", http)
 
     @app.get("/health", tags=["service"], summary="200 when a Triton server is ready, else 503",
              responses={503: {"model": ErrorBody}})
@@ -244,8 +255,6 @@ class HttpServer:
         self.port: int | None = None
 
     async def start(self) -> int:
-        import asyncio
-
         self.task = asyncio.get_running_loop().create_task(self.server.serve())
         while not self.server.started:
             if self.task.done():
