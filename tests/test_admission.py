@@ -22,6 +22,24 @@ async def hold(admission: Admission, release: asyncio.Event, log: list, name: st
         return queued_s
 
 
+async def one_slot_taken(max_queue_wait_s: float, windows: int = 1, per_window_s: float | None = None):
+    """An admission with one slot, held by a task until ``release`` is set: (admission, release, holder)."""
+    admission = Admission(AdmissionLimits(max_running=1, max_queued=10, max_queue_wait_s=max_queue_wait_s))
+    if per_window_s is not None:
+        admission.record(seconds=per_window_s * 4, windows=4)
+    release = asyncio.Event()
+    holder = asyncio.create_task(hold(admission, release, [], "first", windows=windows))
+    await asyncio.sleep(0.01)
+    return admission, release, holder
+
+
+async def refused_with(admission: Admission, error: type, deadline: float | None = None):
+    with pytest.raises(error) as raised:
+        async with admission.slot(1, deadline):
+            pass
+    return raised.value
+
+
 def test_requests_past_the_slots_and_the_queue_are_refused_at_once():
     async def main():
         admission = Admission(AdmissionLimits(max_running=2, max_queued=1, max_queue_wait_s=30))
@@ -62,33 +80,22 @@ def test_the_queue_is_first_in_first_out_and_slots_are_handed_over():
 
 def test_a_foreseeably_long_wait_is_refused_with_the_estimate_as_retry_hint():
     async def main():
-        admission = Admission(AdmissionLimits(max_running=1, max_queued=10, max_queue_wait_s=1.0))
-        admission.record(seconds=2.0, windows=4)  # 0.5 s per window
-        release, log = asyncio.Event(), []
-        running = asyncio.create_task(hold(admission, release, log, "big", windows=10))  # ~5 s of work
-        await asyncio.sleep(0.01)
-        with pytest.raises(Overloaded) as refused:
-            async with admission.slot(1, None):
-                pass
-        assert refused.value.retry_after_s == pytest.approx(0.5 * 10 / 2)  # running: assumed half done
+        admission, release, holder = await one_slot_taken(1.0, windows=10, per_window_s=0.5)  # ~5 s of work
+        refused = await refused_with(admission, Overloaded)
+        assert refused.retry_after_s == pytest.approx(0.5 * 10 / 2)  # running: assumed half done
         release.set()
-        await running
+        await holder
 
     run(main())
 
 
 def test_a_wait_that_runs_past_the_limit_is_refused_and_leaves_the_queue():
     async def main():
-        admission = Admission(AdmissionLimits(max_running=1, max_queued=10, max_queue_wait_s=0.1))
-        release, log = asyncio.Event(), []
-        running = asyncio.create_task(hold(admission, release, log, "first"))
-        await asyncio.sleep(0.01)
-        with pytest.raises(Overloaded, match="no slot freed within 0.1 s"):
-            async with admission.slot(1, None):
-                pass
-        assert admission.queued == 0
+        admission, release, holder = await one_slot_taken(0.1)
+        refused = await refused_with(admission, Overloaded)
+        assert "no slot freed within 0.1 s" in refused.message and admission.queued == 0
         release.set()
-        await running
+        await holder
         assert admission.running == 0
 
     run(main())
@@ -96,15 +103,11 @@ def test_a_wait_that_runs_past_the_limit_is_refused_and_leaves_the_queue():
 
 def test_a_deadline_passing_in_the_queue_is_deadline_exceeded():
     async def main():
-        admission = Admission(AdmissionLimits(max_running=1, max_queued=10, max_queue_wait_s=30))
-        release, log = asyncio.Event(), []
-        running = asyncio.create_task(hold(admission, release, log, "first"))
-        await asyncio.sleep(0.01)
-        with pytest.raises(DeadlineExceeded):
-            async with admission.slot(1, time.monotonic() + 0.1):
-                pass
+        admission, release, holder = await one_slot_taken(30)
+        await refused_with(admission, DeadlineExceeded, deadline=time.monotonic() + 0.1)
+        assert admission.queued == 0
         release.set()
-        await running
+        await holder
 
     run(main())
 
