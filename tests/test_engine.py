@@ -73,6 +73,23 @@ def test_concurrent_windows_decode_as_alone_in_shared_steps(model, dl19, mode, e
         assert outcome.prompt_tokens == len(job.prompt_ids) and outcome.prefill_ms > 0
 
 
+def test_without_step_batching_every_window_is_bit_identical_to_alone(model, dl19):
+    """batch_steps=False (pe_llm's step_batching off): windows still interleave, each steps alone, so even
+    windows whose decisions are closer than batched-GEMM noise (not only WIDE_MARGIN_WINDOWS) come out
+    exactly as decoded alone."""
+    stepper = stepper_for(model)
+    jobs = [job_of(model, dl19, q, n) for q in range(12) for n in (8, 20)]
+    want = [decode_alone(stepper, job) for job in jobs]
+    recorder = Recorder()
+    engine = DecodeEngine(stepper, observer=recorder, batch_steps=False)
+    try:
+        outcomes = run_all(engine, jobs)
+    finally:
+        engine.close()
+    assert [(o.order, o.decode_steps) for o in outcomes] == want
+    assert set(recorder.batches) == {1} and max(recorder.live) > 1  # interleaved, never batched
+
+
 def test_more_windows_than_slots_all_complete(model, dl19):
     stepper = stepper_for(model)
     jobs = [job_of(model, dl19, q, n) for q, n in WIDE_MARGIN_WINDOWS]

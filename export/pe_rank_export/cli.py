@@ -20,12 +20,17 @@ def cli_main(argv: list[str]) -> int:
     parser.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
     parser.add_argument("--max-batch", type=int, default=MAX_BATCH)
     parser.add_argument("--cpu", action="store_true", help="KIND_CPU instances even when a GPU is visible")
+    parser.add_argument("--step-batching", choices=["on", "off"], default="on",
+                        help="on: pe_llm runs the decode steps of concurrent windows in one forward (throughput); "
+                             "off: each window steps alone, so rankings under load are bit-identical to the same "
+                             "request alone (batched float noise can flip near-ties)")
     args = parser.parse_args(argv)
     from pe_rank.cli import UserError
 
     try:
         export_repository(args.model, args.repository,
-                          ExportOptions(args.target, args.dtype, args.max_batch, gpu=False if args.cpu else None))
+                          ExportOptions(args.target, args.dtype, args.max_batch, gpu=False if args.cpu else None,
+                                        step_batching=args.step_batching == "on"))
     except ExportError as exc:
         raise UserError(str(exc)) from None
     return 0

@@ -105,11 +105,13 @@ def embed_config() -> str:
     )
 
 
-def llm_config(kind: str, head_cache: int = LLM_HEAD_CACHE, max_live: int = LLM_MAX_LIVE_WINDOWS) -> str:
+def llm_config(kind: str, head_cache: int = LLM_HEAD_CACHE, max_live: int = LLM_MAX_LIVE_WINDOWS,
+               step_batching: bool = True) -> str:
     """One whole window per request, no batch dimension, no scheduler batching: the model's own
     engine batches the decode steps of every live window (pe_rank.core.engine), so Triton only
     has to hand requests over as they come. ``head_cache``: how many prompt heads keep their
-    keys/values (pe_rank.core.head_cache); ``max_live``: the engine's batch slots.
+    keys/values (pe_rank.core.head_cache); ``max_live``: the engine's batch slots;
+    ``step_batching`` off: every window steps alone, bit-identical to a lone request.
     """
     return (
         'name: "pe_llm"\nbackend: "python"\nmax_batch_size: 0\n'
@@ -123,6 +125,10 @@ def llm_config(kind: str, head_cache: int = LLM_HEAD_CACHE, max_live: int = LLM_
 parameters {{ key: "head_cache" value: {{ string_value: "{head_cache}" }} }}
 # windows the engine decodes at once (its batch slots); later ones wait for a free slot
 parameters {{ key: "max_live_windows" value: {{ string_value: "{max_live}" }} }}
+# on: the decode steps of all live windows run in one forward (throughput); off: each window steps
+# alone, so a ranking under load is bit-identical to the same request alone (batched float noise,
+# ~1e-6, can flip a near-tie between two passages)
+parameters {{ key: "step_batching" value: {{ string_value: "{'on' if step_batching else 'off'}" }} }}
 """
         + _instance(kind)
     )
@@ -141,7 +147,7 @@ def rank_config() -> str:
     )
 
 
-def all_configs(target: str, gpu: bool, max_batch: int = MAX_BATCH) -> dict[str, str]:
+def all_configs(target: str, gpu: bool, max_batch: int = MAX_BATCH, step_batching: bool = True) -> dict[str, str]:
     """Model name -> config.pbtxt text."""
     kind = "KIND_GPU" if gpu else "KIND_CPU"
     return {
@@ -149,6 +155,6 @@ def all_configs(target: str, gpu: bool, max_batch: int = MAX_BATCH) -> dict[str,
         "pe_encoder": encoder_config(target, kind, max_batch),
         "pe_projector": projector_config(target, kind, max_batch),
         "pe_embed": embed_config(),
-        "pe_llm": llm_config(kind),
+        "pe_llm": llm_config(kind, step_batching=step_batching),
         "pe_rank": rank_config(),
     }

@@ -22,6 +22,7 @@ class ExportOptions:
     dtype: str = "fp32"
     max_batch: int = configs.MAX_BATCH
     gpu: bool | None = None  # None: use a GPU when one is visible
+    step_batching: bool = True  # pe_llm batches the decode steps of concurrent windows
 
 
 def export_repository(checkpoint: Path, repository: Path, options: ExportOptions, log=print) -> dict:
@@ -37,7 +38,8 @@ def export_repository(checkpoint: Path, repository: Path, options: ExportOptions
         require_tensorrt()
     model = load_model(checkpoint, dtype="float32")
     repository.mkdir(parents=True, exist_ok=True)
-    for name, text in configs.all_configs(options.target, gpu, options.max_batch).items():
+    for name, text in configs.all_configs(options.target, gpu, options.max_batch,
+                                              options.step_batching).items():
         version = repository / name / "1"
         version.mkdir(parents=True, exist_ok=True)
         (repository / name / "config.pbtxt").write_text(text)

@@ -44,7 +44,8 @@ class TritonPythonModel:
         params = parameters(args)
         stepper = TorchStepper(llm, prompts, dtype, device, head_cache=int(params.get("head_cache", 16)))
         self.metrics = TritonEngineMetrics(pb_utils, args["model_name"])
-        self.engine = DecodeEngine(stepper, max_live=int(params.get("max_live_windows", 64)), observer=self.metrics)
+        self.engine = DecodeEngine(stepper, max_live=int(params.get("max_live_windows", 64)), observer=self.metrics,
+                                   batch_steps=params.get("step_batching", "on") != "off")
 
     def execute(self, requests):
         for request in requests:

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -103,10 +104,11 @@ class TritonPool:
                         for u in self.urls]
         self._task: asyncio.Task | None = None
         self._refreshes: set[asyncio.Task] = set()
+        self._serving = False
 
     @property
     def serving(self) -> bool:
-        return any(s.healthy for s in self.servers)
+        return self._serving
 
     async def start(self) -> None:
         await self.refresh()
@@ -136,10 +138,30 @@ class TritonPool:
         task.add_done_callback(self._refreshes.discard)
 
     async def refresh(self) -> None:
-        was = self.serving
         await asyncio.gather(*(self._check(s) for s in self.servers))
-        if was != self.serving:
-            self.on_health_change(self.serving)
+        serving = any(s.healthy for s in self.servers)
+        if serving and not self._serving:
+            serving = await self._calls_get_through()
+        if serving != self._serving:
+            self._serving = serving
+            self.on_health_change(serving)
+
+    async def _calls_get_through(self, within_s: float = 2.0) -> bool:
+        """SERVING only once the calls' own balanced channel reaches a Triton.
+
+        Readiness is probed per address on other channels; the balanced one reconnects on its
+        own backoff (up to 1 s), and calls sent in between failed UNAVAILABLE right after
+        health said SERVING.
+        """
+        deadline = time.monotonic() + within_s
+        while True:
+            with contextlib.suppress(Exception):
+                if await self.client.client.is_server_live(client_timeout=1.0):
+                    return True
+            if time.monotonic() >= deadline:
+                log.warning("Triton is ready but the calls' channel does not reach it yet; next poll")
+                return False
+            await asyncio.sleep(0.1)
 
     async def _check(self, server: TritonServerState) -> None:
         try:
