@@ -383,7 +383,7 @@ def format_markdown(fig: dict) -> str:
     return "\n".join([
         f"# pe-rank soak: {fig['config']['requests']} requests, {fig['config']['clients']} clients, Triton killed once",
         "",
-        f"Machine: {m['cpu_count']} CPUs ({m['cpu_model']}), {m['mem_total']}, kernel {m['kernel']}, "
+        f"Machine: {m['cpu_count']} CPUs ({m['cpu_model']}), {m['mem_total_gib']} GiB, kernel {m['kernel']}, "
         f"Python {m['python']}; load average at the start {m['load_average']}.",
         f"Repository: `{fig['config']['repository']}`; model: {fig['model']}.",
         "",
@@ -438,6 +438,7 @@ def cli_main(argv: list[str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_table(fig))
+    print(f"server log: {fig['server_log']}")
     print("PASS" if fig["passed"] else "FAIL: " + "; ".join(fig["failures"]))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

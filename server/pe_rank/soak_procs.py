@@ -126,14 +126,15 @@ class ServerProcess:
     READY = re.compile(r"pe-rank ready on (\S+):(\d+)\.")
 
     def __init__(self, repository: Path, serve_args: list[str], log_path: Path) -> None:
-        cmd = [sys.executable, "-m", "pe_rank", "serve", "--repository", str(repository), "--port", "0", *serve_args]
-        self.cmd = cmd
+        self.cmd = [sys.executable, "-m", "pe_rank", "serve", "--repository", str(repository), "--port", "0",
+                    *serve_args]
         self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log = open(log_path, "w", encoding="utf-8")
         self.tail: collections.deque[str] = collections.deque(maxlen=60)
         self.ready = threading.Event()
         self.target = ""
-        self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        self.process = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                         errors="replace", bufsize=1)
         self.reader = threading.Thread(target=self._read, daemon=True, name="soak-server-log")
         self.reader.start()
@@ -144,7 +145,8 @@ class ServerProcess:
             self.log.flush()
             self.tail.append(line.rstrip())
             if not self.ready.is_set() and (m := self.READY.search(line)):
-                self.target = f"{m.group(1)}:{m.group(2)}"
+                host = m.group(1)
+                self.target = f"[{host}]:{m.group(2)}" if ":" in host else f"{host}:{m.group(2)}"
                 self.ready.set()
 
     def wait_ready(self, timeout: float) -> str:
@@ -159,23 +161,21 @@ class ServerProcess:
 
     def stop(self, timeout: float) -> int | None:
         """SIGTERM, wait; the exit code, or None when it had to be SIGKILLed."""
-        if self.process.poll() is None:
+        code: int | None = self.process.poll()
+        if code is None:
             self.process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(timeout)
+                code = self.process.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-                return None
         self.reader.join(10)
         self.log.close()
-        return self.process.returncode
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return code
 
 
 def machine() -> dict:
+    """What the figures were measured on (a soak's timings mean little without it)."""
     model = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -184,10 +184,11 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    mem = ""
+    mem_gib = None
     try:
-        mem = Path("/proc/meminfo").read_text().splitlines()[0].split(":", 1)[1].strip()
-    except (OSError, IndexError):
+        kib = int(Path("/proc/meminfo").read_text().splitlines()[0].split()[1])  # MemTotal: N kB
+        mem_gib = round(kib / 2**20, 1)
+    except (OSError, IndexError, ValueError):
         pass
-    return {"cpu_count": os.cpu_count(), "cpu_model": model, "mem_total": mem, "kernel": platform.release(),
+    return {"cpu_count": os.cpu_count(), "cpu_model": model, "mem_total_gib": mem_gib, "kernel": platform.release(),
             "python": platform.python_version(), "load_average": [round(x, 2) for x in os.getloadavg()]}
