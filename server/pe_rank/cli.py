@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_triton(sub)
     for name, module in (("export", "pe_rank_export.cli"), ("serve", "pe_rank.service.cli"),
                          ("bench", "pe_rank.benchmark"), ("train", "pe_rank.training.cli"),
-                         ("perf-analyzer", "pe_rank.perf_analyzer")):
+                         ("perf-analyzer", "pe_rank.perf_analyzer"), ("soak", "pe_rank.soak")):
         p = sub.add_parser(name, add_help=False, help=f"see `pe-rank {name} --help`")
         p.set_defaults(func=None, passthrough=name)
     return parser
@@ -221,6 +221,7 @@ _PASSTHROUGH = {
     "bench": ("pe_rank.benchmark", "cli_main"),
     "train": ("pe_rank.training.cli", "cli_main"),
     "perf-analyzer": ("pe_rank.perf_analyzer", "cli_main"),
+    "soak": ("pe_rank.soak", "cli_main"),
 }
 
 
