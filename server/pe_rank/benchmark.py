@@ -101,8 +101,8 @@ async def _in_process(model, reranker, queries: list[Query], top_k: int, runs: d
 class _Service:
     """An exported repository, an embedded Triton and `pe-rank serve`, torn down on exit."""
 
-    def __init__(self, checkpoint: Path) -> None:
-        self.checkpoint = checkpoint
+    def __init__(self, checkpoint: Path, max_clients: int) -> None:
+        self.checkpoint, self.max_clients = checkpoint, max_clients
 
     def __enter__(self) -> str:
         from pe_rank_export.repository import ExportOptions, export_repository
@@ -115,7 +115,11 @@ class _Service:
         self.triton = TritonServer(repo).start()
         port = free_port()
         self.server = subprocess.Popen([sys.executable, "-m", "pe_rank", "serve", "--repository", str(repo),
-                                        "--triton-url", self.triton.grpc_url, "--port", str(port)],
+                                        "--triton-url", self.triton.grpc_url, "--port", str(port),
+                                        # admission wide open: the sweep measures what the machine does
+                                        # with N clients, which is how --max-concurrent gets sized
+                                        "--max-concurrent", str(self.max_clients), "--max-queued", "0",
+                                        "--max-request-time", "0"],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.target = f"127.0.0.1:{port}"
         _wait_serving(self.target, self.server)
@@ -235,7 +239,7 @@ async def run_bench(checkpoint: Path, data: Path, queries: int, top_k: int, text
     sweep: dict = {}
     llm_calls_per_query = None
     if with_server:
-        with _Service(checkpoint) as service:
+        with _Service(checkpoint, max(concurrency)) as service:
             sweep, llm_calls_per_query = await _through_server(service, items, top_k, runs, concurrency)
     full = _median(runs, "pe_rank_full")
     qps = {int(k): v["throughput_qps"] for k, v in sweep.items()}
