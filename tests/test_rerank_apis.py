@@ -275,8 +275,31 @@ def test_http_shape_errors_name_the_field(service):
     assert response.status_code == 422 and response.json()["field"] == "body"
 
 
+def test_a_chunked_body_over_the_limit_is_413_before_it_is_all_read(service):
+    """No Content-Length (chunked): the body is counted as it arrives and refused once over the limit
+    (twice --max-text-mb plus 1 MiB: 17 MiB by default); uvicorn alone would read any size into memory."""
+    sent = 0
+
+    def chunks():
+        nonlocal sent
+        yield b'{"query": "q", "texts": ["'
+        for _ in range(64):  # 64 MiB if all of it were read
+            sent += 1 << 20
+            yield b"x" * (1 << 20)
+        yield b'"]}'
+
+    try:
+        response = httpx.post(f"{service.base_url}/rerank", content=chunks(),
+                              headers={"content-type": "application/json"}, timeout=60)
+    except httpx.TransportError:  # the server may answer and close while the client still sends
+        pytest.fail("the server closed the connection without an answer")
+    assert response.status_code == 413, response.text
+    assert response.json()["field"] == "body" and response.json()["error_type"] == "too_large"
+    assert "17825792 byte limit" in response.json()["error"]
+
+
 def test_a_body_over_the_message_limit_is_413_before_it_is_read(service):
-    """Content-Length over 64 MiB (gRPC's message limit): refused from the headers alone."""
+    """Content-Length over the HTTP limit: refused from the headers alone."""
     connection = http.client.HTTPConnection("127.0.0.1", service.http_port, timeout=30)
     connection.putrequest("POST", "/rerank")
     connection.putheader("Content-Type", "application/json")

@@ -12,7 +12,7 @@ import contextlib
 import re
 from typing import Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
@@ -108,21 +108,48 @@ def _pydantic_field(loc: tuple) -> str:
     return name or "body"
 
 
+class _BodyTooLarge(HTTPException):
+    """Raised while a body without Content-Length (chunked) is read past the limit; FastAPI passes an
+    HTTPException through its body parsing, so the app's handler answers it as every 413."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413)
+        self.limit = limit
+
+
+def http_body_limit(config) -> int:
+    """The HTTP APIs carry texts only: twice the text limit (JSON escapes) plus room for the rest,
+    so the JSON parse on the event loop stays short, and never past the gRPC message limit."""
+    return min(config.max_message_mb << 20, 2 * config.limits.max_text_bytes + (1 << 20))
+
+
 class _BodyLimit:
-    """413 before the body is read when Content-Length is over --max-message-mb (as gRPC's limit)."""
+    """413 before the body is read when Content-Length is over the limit, and as soon as a chunked
+    body passes it (uvicorn reads any body whole otherwise)."""
 
     def __init__(self, app: ASGIApp, limit: int, on_refused) -> None:
         self.app, self.limit, self.on_refused = app, limit, on_refused
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            length = dict(scope.get("headers") or []).get(b"content-length")
-            if length is not None and length.isdigit() and int(length) > self.limit:
-                response = self.on_refused(TooLarge(f"body of {int(length)} bytes is over the {self.limit} byte limit",
-                                                    field="body"))
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            response = self.on_refused(TooLarge(f"body of {int(length)} bytes is over the {self.limit} byte limit",
+                                                field="body"))
+            return await response(scope, receive, send)
+        received = 0
+
+        async def counted() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise _BodyTooLarge(self.limit)
+            return message
+
+        await self.app(scope, counted, send)
 
 
 def build_app(ranking: RankingService) -> FastAPI:
@@ -142,6 +169,10 @@ def build_app(ranking: RankingService) -> FastAPI:
     def answer(error: ServiceError, request_id: str) -> JSONResponse:
         status, body, headers = http_status(error, request_id)  # counted and logged by rank() or refuse()
         return JSONResponse(body, status_code=status, headers=headers)
+
+    @app.exception_handler(_BodyTooLarge)
+    async def _body_too_large(request: Request, exc: _BodyTooLarge) -> JSONResponse:
+        return refuse(TooLarge(f"body over the {exc.limit} byte limit", field="body"))
 
     @app.exception_handler(RequestValidationError)
     async def _shape_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -230,7 +261,7 @@ def build_app(ranking: RankingService) -> FastAPI:
             "sha": None, "docker_label": None,
         }
 
-    app.add_middleware(_BodyLimit, limit=ranking.config.max_message_mb << 20,
+    app.add_middleware(_BodyLimit, limit=http_body_limit(ranking.config),
                        on_refused=lambda error: refuse(error, api="http"))
     return app
 
