@@ -15,7 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import triton_metric
-from test_server import LIVE, Service, _settles_to, big_request
+from test_server import LIVE, Service, _settles_to, big_request, thousand
 from pe_rank.client import AsyncRankerClient
 from pe_rank.v1 import ranker_pb2 as pb
 from pe_rank.v1 import ranker_pb2_grpc as pb_grpc
@@ -45,15 +45,6 @@ def small(tritons, exported):
     service = Service(exported("tiny-a"), [tritons("tiny-a").grpc_url], "--max-concurrent", "2", "--max-queued", "0")
     yield service
     service.stop()
-
-
-def thousand(dl19, qi: int) -> pb.RerankRequest:
-    """1000 passages: about 100 windows, seconds of work even on the tiny model."""
-    msg = pb.RerankRequest(query=dl19[qi]["query"])
-    for i in range(10):
-        for p in big_request(dl19, 100, qi=(qi + i) % len(dl19)).passages:
-            msg.passages.add(id=f"{i}-{p.id}", text=p.text)
-    return msg
 
 
 # ---- admission
