@@ -115,6 +115,7 @@ class RankingServer:
         await asyncio.gather(*stopping)
         self.http = None
         await self.pool.close()
+        self.ranking.workers.shutdown(wait=False, cancel_futures=True)
         self.server = None
 
 
