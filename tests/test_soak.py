@@ -71,7 +71,7 @@ def _out(code: str, ranking=None) -> Outcome:
     ("valid", LOST, None, None, "lost"),
     ("invalid", "INVALID_ARGUMENT", None, "query", "refused"),
     ("invalid", "INVALID_ARGUMENT", None, "passages[1].id", "wrong_field"),
-    ("invalid", "RESOURCE_EXHAUSTED", None, "query", "refused"),
+    ("invalid", "RESOURCE_EXHAUSTED", None, "query", "wrong_code"),  # validation comes before admission
     ("invalid", "UNAVAILABLE", None, "query", "wrong_code"),   # validation comes before Triton
     ("invalid", "OK", (("a", 0),), "query", "wrong_code"),
     ("cancelled", "CANCELLED", None, None, "refused"),

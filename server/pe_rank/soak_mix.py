@@ -16,7 +16,7 @@ DEFAULT_MIX = {"valid": 0.5, "invalid": 0.2, "cancelled": 0.15, "deadline": 0.15
 EXPECTED_CODE = {"invalid": "INVALID_ARGUMENT", "cancelled": "CANCELLED", "deadline": "DEADLINE_EXCEEDED"}
 ALLOWED_REFUSALS = {
     "valid": {"RESOURCE_EXHAUSTED", "UNAVAILABLE"},
-    "invalid": {"RESOURCE_EXHAUSTED"},  # validation runs before Triton; only admission may come first
+    "invalid": set(),  # validation runs before admission and before Triton: INVALID_ARGUMENT only
     "cancelled": {"RESOURCE_EXHAUSTED", "UNAVAILABLE"},
     "deadline": {"RESOURCE_EXHAUSTED", "UNAVAILABLE"},
 }
