@@ -20,7 +20,6 @@ import grpc
 import httpx
 import numpy as np
 import pytest
-import tritonclient.grpc as tclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import CONFORMANCE, case_id, conformance_cases, triton_metric
