@@ -137,6 +137,7 @@ def test_rerank_stream_reflection_and_info_with_grpcurl(service):
     info = json.loads(info)
     assert info["model_type"] == "MODEL_TYPE_RERANKER" and "1/rank" in info["model_id"]
     assert info["max_client_batch_size"] == 1000 and info["max_concurrent_requests"] == MAX_CONCURRENT
+    assert info["tokenization_workers"] == 2  # the threads that convert and validate requests
 
 
 def _grpcurl() -> str:

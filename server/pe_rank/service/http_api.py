@@ -257,7 +257,7 @@ def build_app(ranking: RankingService) -> FastAPI:
             "model_type": {"reranker": {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}},
             "max_concurrent_requests": c.max_concurrent + c.max_queued, "max_input_length": ENCODER_MAX_TOKENS,
             "max_batch_tokens": ENCODER_MAX_TOKENS * c.limits.max_window_size, "max_batch_requests": None,
-            "max_client_batch_size": c.max_passages, "tokenization_workers": 1, "version": version(),
+            "max_client_batch_size": c.max_passages, "tokenization_workers": c.cpu_workers, "version": version(),
             "sha": None, "docker_label": None,
         }
 

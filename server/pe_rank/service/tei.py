@@ -64,7 +64,7 @@ class TeiInfo(tei_grpc.InfoServicer):
             version=version(), model_id=model_id(self.ranking), model_dtype="float32",
             model_type=tei.MODEL_TYPE_RERANKER, max_concurrent_requests=c.max_concurrent + c.max_queued,
             max_input_length=ENCODER_MAX_TOKENS, max_batch_tokens=ENCODER_MAX_TOKENS * c.limits.max_window_size,
-            max_client_batch_size=c.max_passages, tokenization_workers=1,
+            max_client_batch_size=c.max_passages, tokenization_workers=c.cpu_workers,
         )
 
 
