@@ -190,6 +190,18 @@ def test_an_undecodable_request_is_invalid_argument_with_one_log_line(small, raw
     assert "Traceback" not in small.output(tail=None)
 
 
+def test_an_undecodable_message_in_a_tei_stream_is_invalid_argument(small):
+    good = b"\x0a\x01q\x12\x01a"  # RerankStreamRequest(query="q", text="a")
+    bad = b"\x0a\x01q\x12\x01\xff"  # text holding invalid UTF-8
+    with grpc.insecure_channel(small.target) as channel:
+        call = channel.stream_unary("/tei.v1.Rerank/RerankStream", request_serializer=None,
+                                    response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as err:
+            call(iter([good, bad]), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid tei.v1.RerankStreamRequest message" in err.value.details()
+
+
 def test_a_client_deadline_is_logged_as_deadline_exceeded_and_a_cancel_as_cancelled(small, dl19):
     before = {code: metric(small, f'pe_rank_requests_total{{status="{code}"}}')
               for code in ("DEADLINE_EXCEEDED", "CANCELLED")}

@@ -95,8 +95,9 @@ class RepositoryView:
         milliseconds; only texts whose prefix stays under the limit are tokenized whole.
         """
         cap = ENCODER_MAX_TOKENS + 1
-        counts = self._counts([_prefix(t) for t in texts], cap)
-        whole = [i for i, (t, c) in enumerate(zip(texts, counts)) if c < cap and len(_prefix(t)) < len(t)]
+        prefixes = [_prefix(t) for t in texts]
+        counts = self._counts(prefixes, cap)
+        whole = [i for i, (t, p, c) in enumerate(zip(texts, prefixes, counts)) if c < cap and len(p) < len(t)]
         for i, c in zip(whole, self._counts([texts[i] for i in whole], cap)):
             counts[i] = c
         return counts

@@ -50,7 +50,8 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or handler.request_deserializer is None or not method.startswith(self.services):
+        if handler is None or handler.request_deserializer is None or not method.startswith(self.services) \
+                or handler.response_streaming:  # our services answer with one message each
             return handler
         message_type = getattr(handler.request_deserializer, "__self__", None)
         name = getattr(getattr(message_type, "DESCRIPTOR", None), "full_name", "request")
@@ -58,11 +59,7 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
                       response_serializer=handler.response_serializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary, method), **kwargs)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(self._unary_stream(handler.unary_stream, method), **kwargs)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(self._streamed(handler.stream_unary, method), **kwargs)
-        return grpc.stream_stream_rpc_method_handler(self._streamed_stream(handler.stream_stream, method), **kwargs)
+        return grpc.stream_unary_rpc_method_handler(self._streamed(handler.stream_unary, method), **kwargs)
 
     async def _abort(self, context: grpc.aio.ServicerContext, bad: Undecodable, method: str) -> None:
         error = InvalidArgument(bad.reason)
@@ -73,14 +70,6 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
             if isinstance(request, Undecodable):
                 await self._abort(context, request, method)
             return await behaviour(request, context)
-        return call
-
-    def _unary_stream(self, behaviour, method: str):
-        async def call(request, context):
-            if isinstance(request, Undecodable):
-                await self._abort(context, request, method)
-            async for response in behaviour(request, context):
-                yield response
         return call
 
     def _checked(self, requests: AsyncIterator, context, method: str) -> AsyncIterator:
@@ -94,10 +83,4 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
     def _streamed(self, behaviour, method: str):
         async def call(requests, context):
             return await behaviour(self._checked(requests, context, method), context)
-        return call
-
-    def _streamed_stream(self, behaviour, method: str):
-        async def call(requests, context):
-            async for response in behaviour(self._checked(requests, context, method), context):
-                yield response
         return call
