@@ -53,14 +53,14 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny(tiny_dir: Path):
-    from pe_rank.core.inprocess import load_in_process
+    from pe_rank.runtime.inprocess import load_in_process
 
     return load_in_process(tiny_dir)
 
 
 @pytest.fixture(scope="session")
 def conformance_models():
-    from pe_rank.core.inprocess import load_in_process
+    from pe_rank.runtime.inprocess import load_in_process
 
     return {name: load_in_process(CONFORMANCE / name) for name in CHECKPOINTS}
 
@@ -89,7 +89,7 @@ def exported(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tritons(exported):
     """tritons(name, target) -> a running TritonServer for that exported repository (started once)."""
-    from pe_rank.triton.embedded import TritonServer
+    from pe_rank.service.embedded_triton import TritonServer
 
     running: dict[tuple[str, str], TritonServer] = {}
 

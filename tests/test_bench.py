@@ -7,8 +7,8 @@ import json
 import pytest
 
 from conftest import CONFORMANCE, DATA
-from pe_rank.benchmark import report_markdown, run_bench, write_plots
-from pe_rank.evaluation import load_qrels
+from pe_rank.tools.benchmark import report_markdown, run_bench, write_plots
+from pe_rank.tools.evaluation import load_qrels
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

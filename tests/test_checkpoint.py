@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import CONFORMANCE
 from pe_rank.core.checkpoint import CheckpointError
-from pe_rank.core.inprocess import load_in_process
-from pe_rank.core.model import load_model
+from pe_rank.runtime.inprocess import load_in_process
+from pe_rank.runtime.model import load_model
 from pe_rank.core.types import Passage, RerankRequest
 from pe_rank.models.tiny import make_tiny
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tclient
 
-from pe_rank.triton.embedded import SHM_DIR, TritonServer, TritonStartError, TritonSupervisor, shm_regions
+from pe_rank.service.embedded_triton import SHM_DIR, TritonServer, TritonStartError, TritonSupervisor, shm_regions
 
 pytestmark = pytest.mark.triton
 
@@ -192,7 +192,7 @@ def test_a_stable_triton_resets_the_failure_count(tmp_path):
 
 DIES_WITH_PARENT = textwrap.dedent("""
     import sys, time
-    from pe_rank.triton.embedded import TritonServer
+    from pe_rank.service.embedded_triton import TritonServer
     triton = TritonServer(sys.argv[1]).start()
     print(triton.process.pid, triton.shm_prefix, flush=True)
     time.sleep(600)

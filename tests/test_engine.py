@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import CONFORMANCE, decode_alone
-from pe_rank.core.engine import DecodeEngine, EngineBackend, EngineClosed, WindowCancelled
-from pe_rank.core.inprocess import load_in_process, stepper_for
+from pe_rank.runtime.engine import DecodeEngine, EngineBackend, EngineClosed, WindowCancelled
+from pe_rank.runtime.inprocess import load_in_process, stepper_for
 from pe_rank.core.ranker import WindowJob
 from pe_rank.core.types import Mode
 

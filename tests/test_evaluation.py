@@ -10,7 +10,7 @@ import ir_measures
 import pytest
 
 from pe_rank.core.types import Mode, RerankRequest
-from pe_rank.evaluation import (EvalError, EvalOptions, Ranked, check_options, evaluate, load_qrels,
+from pe_rank.tools.evaluation import (EvalError, EvalOptions, Ranked, check_options, evaluate, load_qrels,
                                 load_rankllm, score)
 
 from conftest import DATA

@@ -125,7 +125,7 @@ def test_results_written(tiny_run):
 def test_conformance_without_sentencepiece_replays_recorded_prompt_ids(tmp_path):
     """A GPU machine has no sentencepiece: the conformance prompts come from prompt_ids.json."""
     code = ("import asyncio, json\nfrom pathlib import Path\n"
-            "from pe_rank.gpu_bench import DEFAULT_CONFORMANCE, conformance\n"
+            "from pe_rank.tools.gpu_bench import DEFAULT_CONFORMANCE, conformance\n"
             "print(json.dumps(asyncio.run(conformance(DEFAULT_CONFORMANCE, 'cpu', 'float32', limit=4))))\n")
     out = subprocess.run([sys.executable, "-c", code], env=bare_env(tmp_path, ABSENT + ("sentencepiece",)),
                          capture_output=True, text=True, timeout=300)
@@ -138,8 +138,8 @@ def test_recorded_prompt_ids_equal_the_tokenizers():
     """prompt_ids.json is what the conformance checkpoints' own tokenizers build, for every prompt needed."""
     from conftest import CONFORMANCE
 
-    from pe_rank.gpu_bench import CONFORMANCE_CHECKPOINTS
-    from pe_rank.recorded_prompts import FILE, record_all
+    from pe_rank.tools.gpu_bench import CONFORMANCE_CHECKPOINTS
+    from pe_rank.tools.recorded_prompts import FILE, record_all
 
     shipped = json.loads((CONFORMANCE / FILE).read_text())
     assert shipped == record_all(CONFORMANCE, CONFORMANCE_CHECKPOINTS)
@@ -186,7 +186,7 @@ def test_synthetic_model_matches_its_shape():
     """Parameters are made on the device in the dtype (encoder float32), with the shape's sizes."""
     import torch
 
-    from pe_rank.synthetic import SHAPES, build_synthetic, decode_step_weight_bytes
+    from pe_rank.tools.synthetic import SHAPES, build_synthetic, decode_step_weight_bytes
 
     model = build_synthetic("tiny", "cpu", torch.bfloat16)
     shape = SHAPES["tiny"]
@@ -207,7 +207,7 @@ def test_mistral_7b_shape_is_the_released_one():
     """Without building it: the LLM config gives 7.1 G parameters, 14.2 GB read per fp16 step."""
     from transformers import MistralConfig
 
-    from pe_rank.synthetic import SHAPES
+    from pe_rank.tools.synthetic import SHAPES
 
     shape = SHAPES["mistral-7b"]
     config = MistralConfig(**shape.llm)
@@ -219,7 +219,7 @@ def test_mistral_7b_shape_is_the_released_one():
 
 
 def test_known_bandwidths():
-    from pe_rank.gpu_bench import known_bandwidth
+    from pe_rank.tools.gpu_bench import known_bandwidth
 
     assert known_bandwidth("NVIDIA H200") == 4800
     assert known_bandwidth("NVIDIA GH200 480GB") == 4000

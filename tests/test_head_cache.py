@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pe_rank.core.model import load_model
-from pe_rank.core.steps import TorchStepper
+from pe_rank.runtime.model import load_model
+from pe_rank.runtime.steps import TorchStepper
 
 QUERIES = ("how do fleas jump", "what is the daily life of thai people", "?! odd query", "x")
 
@@ -100,7 +100,7 @@ def test_rerank_reports_the_prompt_tokens_taken_from_the_cache(model):
     """30 passages in windows of 20 (stride 10): two windows; the second one's head is cached."""
     import asyncio
 
-    from pe_rank.core.inprocess import in_process_reranker
+    from pe_rank.runtime.inprocess import in_process_reranker
     from pe_rank.core.types import Passage, RerankRequest
 
     request = RerankRequest("how do fleas jump", tuple(Passage(str(i), f"passage {i} on fleas") for i in range(30)))

@@ -1,11 +1,14 @@
-"""The core install (`pip install pe-rank-service`, no extras) is enough for every Triton model.
+"""Each install is what its process needs: the `triton` extra serves every Triton model, the
+`server` extra runs the server without PyTorch.
 
-A Triton container only needs what model_repository/*/1/model.py import. Instead of a new
-virtualenv (minutes), a folder of links to the files of the core requirements' distributions
-(found from the installed metadata, extras left out) stands in for the core install; each
-model.py, and every module it imports inside its functions (pe_llm imports torch and
-pe_rank.core in ``initialize``), is imported by a Python that sees only that folder, the
-project's source and Triton's backend utilities.
+A Triton container only needs what model_repository/*/1/model.py import
+(`pip install pe-rank-service[triton]`); a server image only `pe-rank-service[server]`. Instead
+of a new virtualenv (minutes), a folder of links to the files of an install's distributions
+(found from the installed metadata, other extras left out) stands in for it; each model.py, and
+every module it imports inside its functions (pe_llm imports torch and pe_rank.runtime in
+``initialize``), is imported by a Python that sees only that folder, the project's source and
+Triton's backend utilities; the server's edge (its repository view, tokenizers, validation and
+prompts) runs on the server's folder and never loads torch or transformers.
 """
 from __future__ import annotations
 
@@ -29,29 +32,30 @@ def _norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def core_distributions() -> set[str]:
-    """The project and everything its requirements pull in, extras left out."""
-    seen: set[str] = set()
-    todo = [DIST]
+def distributions(extras: tuple[str, ...]) -> set[str]:
+    """The project and everything its requirements with these extras pull in, other extras left out."""
+    seen: set[tuple[str, str]] = set()
+    todo = [(DIST, extra) for extra in ("", *extras)]
     while todo:
-        name = _norm(todo.pop())
-        if name in seen:
+        name, extra = todo.pop()
+        name = _norm(name)
+        if (name, extra) in seen:
             continue
-        seen.add(name)
+        seen.add((name, extra))
         try:
             requires = metadata.requires(name) or []
         except metadata.PackageNotFoundError:
             continue
         for line in requires:
             req = Requirement(line)
-            if req.marker is None or req.marker.evaluate({"extra": ""}):
-                todo.append(req.name)
-    return seen
+            if req.marker is None or req.marker.evaluate({"extra": extra}):
+                todo += [(req.name, e) for e in ("", *req.extras)]
+    return {name for name, _ in seen}
 
 
-def core_site(folder: Path) -> Path:
-    """A site-packages of links to the core distributions' files only: the core install, in seconds."""
-    core = core_distributions() - {_norm(DIST)}  # the project itself comes from the source tree
+def site_of(folder: Path, extras: tuple[str, ...]) -> Path:
+    """A site-packages of links to one install's distributions only: that install, in seconds."""
+    core = distributions(extras) - {_norm(DIST)}  # the project itself comes from the source tree
     site = folder / "site-packages"
     site.mkdir()
     for dist in metadata.distributions():
@@ -99,7 +103,14 @@ def _backend_dir() -> str:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
-    return core_site(tmp_path_factory.mktemp("core"))
+    """`pip install pe-rank-service[triton]`: what a Triton container gets."""
+    return site_of(tmp_path_factory.mktemp("triton"), ("triton",))
+
+
+@pytest.fixture(scope="module")
+def server_site(tmp_path_factory) -> Path:
+    """`pip install pe-rank-service[server]`: what a server image gets."""
+    return site_of(tmp_path_factory.mktemp("server"), ("server",))
 
 
 def _run_child(site: Path, model: Path, names: list[str]) -> subprocess.CompletedProcess:
@@ -108,7 +119,7 @@ def _run_child(site: Path, model: Path, names: list[str]) -> subprocess.Complete
                           capture_output=True, text=True, timeout=300, cwd=model.parent)
 
 
-def test_the_core_site_has_no_extras(site):
+def test_the_triton_site_has_no_server_extras(site):
     present = {p.name for p in site.iterdir()}
     for extra_module in ("grpc", "tritonclient", "fastapi", "uvicorn", "onnxruntime", "peft", "matplotlib",
                          "prometheus_client", "cohere", "pytriton", "gguf", "accelerate"):
@@ -121,8 +132,52 @@ def test_the_core_site_has_no_extras(site):
 
 
 @pytest.mark.parametrize("model", MODELS, ids=[m.parts[-3] for m in MODELS])
-def test_core_install_imports_every_triton_model(site, model):
+def test_triton_extra_imports_every_triton_model(site, model):
     assert len(MODELS) >= 4
     names = [n for n in imports_of(model) if n != "triton_python_backend_utils"]
     proc = _run_child(site, model, names)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_the_core_install_is_torch_free():
+    core = distributions(())
+    assert not core & {"torch", "transformers", "safetensors", "grpcio"}, sorted(core)
+    assert {"numpy", "tokenizers", "jinja2", "sentencepiece"} <= core
+
+
+# The server's edge on the server install: read the exported repository (tokenizers, sizes),
+# validate a request with token counting (truncate=false), build its prompt, and import every
+# module `pe-rank serve` runs; then torch, transformers and safetensors must still be unloaded.
+_SERVER_CHILD = r"""
+import json, sys
+site, source, repository = json.loads(sys.argv[1])
+sys.path[:0] = [site, source]
+import pe_rank.service.server, pe_rank.service.cli, pe_rank.service.http_api, pe_rank.service.tei
+from pe_rank.service.app import RepositoryView, ServiceConfig, RankingService
+from pe_rank.core.types import Passage, RerankRequest
+repo = RepositoryView(__import__("pathlib").Path(repository))
+config = ServiceConfig(repository=repo, triton_urls=[])
+request = RerankRequest(query="how do fleas live", truncate=False,
+                        passages=tuple(Passage(id=str(i), text="a flea lives " * (i + 1)) for i in range(3)))
+RankingService._validated(type("S", (), {"repo": repo, "config": config})(), lambda: request)
+ids, positions = repo.prompts.build(request.query, 3)
+assert len(positions) == 3, positions
+assert repo.token_counts(["x " * 600])[0] == 513
+loaded = sorted(m for m in ("torch", "transformers", "safetensors") if m in sys.modules)
+print(json.dumps({"loaded": loaded, "prompt_tokens": len(ids)}))
+"""
+
+
+def test_the_server_install_runs_the_server_edge_without_torch(server_site, exported):
+    present = {p.name for p in server_site.iterdir()}
+    for heavy in ("torch", "transformers", "safetensors", "pytriton"):
+        assert heavy not in present, heavy
+    for needed in ("grpc", "tritonclient", "fastapi", "tokenizers", "sentencepiece"):
+        assert needed in present, needed
+    repository = exported("tiny-a")
+    args = [str(server_site), str(ROOT / "server"), str(repository)]
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", _SERVER_CHILD, json.dumps(args)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["loaded"] == [] and report["prompt_tokens"] > 0, report

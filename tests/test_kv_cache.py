@@ -7,9 +7,9 @@ import torch
 from transformers import DynamicCache
 
 from pe_rank.core import steps
-from pe_rank.core.inprocess import stepper_for
-from pe_rank.core.kv_cache import ReservedLayer, reserved_cache
-from pe_rank.core.model import load_model
+from pe_rank.runtime.inprocess import stepper_for
+from pe_rank.runtime.kv_cache import ReservedLayer, reserved_cache
+from pe_rank.runtime.model import load_model
 
 
 @pytest.fixture(scope="module")

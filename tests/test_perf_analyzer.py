@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import DATA
-from pe_rank.perf_analyzer import DEFAULT_CACHE, _apt_options, _runs, _write_wrapper, cli_main, install, write_inputs
+from pe_rank.tools.perf_analyzer import DEFAULT_CACHE, _apt_options, _runs, _write_wrapper, cli_main, install, write_inputs
 
 INSTALLED = Path(__file__).resolve().parents[1] / DEFAULT_CACHE / "bin" / "perf_analyzer"
 

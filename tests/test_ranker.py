@@ -6,7 +6,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from pe_rank.core.inprocess import stepper_for
+from pe_rank.runtime.inprocess import stepper_for
 from pe_rank.core.ranker import emissions_needed, window_bounds
 from pe_rank.core.types import Mode, Passage, RerankRequest
 from pe_rank.core.validation import InvalidRequest, validate_request

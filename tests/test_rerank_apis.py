@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from conftest import CONFORMANCE, conformance_cases
-from pe_rank.triton.embedded import free_port
+from pe_rank.service.embedded_triton import free_port
 from pe_rank.v1 import ranker_pb2 as pb
 from test_server import Service
 

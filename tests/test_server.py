@@ -28,7 +28,7 @@ from pe_rank.client import AsyncRankerClient, RankerClient
 from pe_rank.core.prompt import PromptBuilder
 from pe_rank.core.tokenization import load_prompt_tokenizer
 from pe_rank.core.types import Passage, RerankRequest
-from pe_rank.triton.embedded import TritonServer, free_port, shm_regions
+from pe_rank.service.embedded_triton import TritonServer, free_port, shm_regions
 from pe_rank.v1 import ranker_pb2 as pb
 from pe_rank.v1 import ranker_pb2_grpc as pb_grpc
 
@@ -171,7 +171,7 @@ def test_response_metadata_and_text(services, dl19):
 
 
 def test_precomputed_embeddings_match_in_process(services, dl19):
-    from pe_rank.core.inprocess import load_in_process
+    from pe_rank.runtime.inprocess import load_in_process
 
     model, reranker = load_in_process(CONFORMANCE / "tiny-b")
     q = dl19[2]

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conftest import CONFORMANCE, DATA
-from pe_rank.soak_mix import (DEFAULT_MIX, INVALID, KINDS, LOST, Outcome, invalid_requests, load_samples, make_plan,
+from pe_rank.tools.soak_mix import (DEFAULT_MIX, INVALID, KINDS, LOST, Outcome, invalid_requests, load_samples, make_plan,
                           parse_mix, valid_pool, verdict)
 
 
@@ -34,9 +34,9 @@ def test_the_plan_is_seeded_with_exact_quotas_and_every_invalid_variant():
 
 def test_each_invalid_variant_is_refused_by_the_servers_validation_naming_its_field():
     """The soak's expectation is the server's own validation, run here on the real checkpoint."""
-    from pe_rank.core.inprocess import load_in_process
+    from pe_rank.runtime.inprocess import load_in_process
     from pe_rank.core.validation import InvalidRequest, validate_request
-    from pe_rank.service.convert import request_from_proto
+    from pe_rank.core.proto import request_from_proto
 
     model, reranker = load_in_process(CONFORMANCE / "tiny-b")
     samples = load_samples(DATA / "bm25_dl19.json.gz")

@@ -10,7 +10,7 @@ import pytest
 
 from pe_rank.core.jsonio import parse_request
 from pe_rank.core.ranker import window_bounds
-from pe_rank.core.text_listwise import parse_ranking, rank_text_listwise, text_prompt, text_ranker_for
+from pe_rank.runtime.text_listwise import parse_ranking, rank_text_listwise, text_prompt, text_ranker_for
 from pe_rank.core.types import Mode, Passage, RankOptions, RerankRequest
 from pe_rank.core.validation import InvalidRequest, validate_request
 

@@ -13,13 +13,14 @@ import pytest
 import torch
 
 from pe_rank.cli import main
-from pe_rank.core.checkpoint import PROJECTOR_PREFIX, WeightFiles
-from pe_rank.core.model import load_model
-from pe_rank.core.steps import TorchStepper
+from pe_rank.core.checkpoint import PROJECTOR_PREFIX
+from pe_rank.runtime.weights import WeightFiles
+from pe_rank.runtime.model import load_model
+from pe_rank.runtime.steps import TorchStepper
 from pe_rank.training.data import load_data
 from pe_rank.training.embeddings import EmbeddingCache
 from pe_rank.training.loop import StageConfig, load_state, make_optimizer, run_stage
-from pe_rank.core.checkpoint import build_projector
+from pe_rank.runtime.weights import build_projector
 from pe_rank.training.losses import decision_hidden, feature_decoder, passage_scores, query_loss, split_projector
 from pe_rank.training.adapter import attach_lora, lower_states, merge_adapter, save_adapter, top_hidden
 from pe_rank.training.cli import stages

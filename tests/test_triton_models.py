@@ -11,7 +11,7 @@ import tritonclient.grpc as tclient
 from tritonclient.utils import InferenceServerException
 
 from conftest import CHECKPOINTS, CONFORMANCE, case_id, conformance_cases, decode_alone, triton_metric
-from pe_rank.core.inprocess import stepper_for
+from pe_rank.runtime.inprocess import stepper_for
 from pe_rank.core.prompt import PromptBuilder
 from pe_rank.core.reranker import Reranker
 from pe_rank.core.tokenization import load_prompt_tokenizer
@@ -20,7 +20,7 @@ from pe_rank.service.cache import EmbeddingCache
 from pe_rank.service.embedder import TritonEmbedder
 from pe_rank.core.ranker import WindowJob
 from pe_rank.core.types import Mode
-from pe_rank.triton.remote import TritonWindowBackend, window_inputs, window_outcome
+from pe_rank.service.triton_client import TritonWindowBackend, window_inputs, window_outcome
 
 pytestmark = pytest.mark.triton
 

@@ -108,9 +108,9 @@ def embed_config() -> str:
 def llm_config(kind: str, head_cache: int = LLM_HEAD_CACHE, max_live: int = LLM_MAX_LIVE_WINDOWS,
                step_batching: bool = True) -> str:
     """One whole window per request, no batch dimension, no scheduler batching: the model's own
-    engine batches the decode steps of every live window (pe_rank.core.engine), so Triton only
+    engine batches the decode steps of every live window (pe_rank.runtime.engine), so Triton only
     has to hand requests over as they come. ``head_cache``: how many prompt heads keep their
-    keys/values (pe_rank.core.head_cache); ``max_live``: the engine's batch slots;
+    keys/values (pe_rank.runtime.head_cache); ``max_live``: the engine's batch slots;
     ``step_batching`` off: every window steps alone, bit-identical to a lone request.
     """
     return (

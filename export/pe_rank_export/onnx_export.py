@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pe_rank.core.model import PeRankModel, encode_in_batches, pool
+from pe_rank.runtime.model import PeRankModel, encode_in_batches, pool
 
 OPSET = 17
 FP32_TOLERANCE = 1e-4

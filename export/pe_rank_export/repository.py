@@ -7,7 +7,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from pe_rank.core.model import PeRankModel, load_model
+from pe_rank.runtime.model import PeRankModel, load_model
 
 from . import configs
 from .onnx_export import FP16_TOLERANCE, FP32_TOLERANCE, ExportError, check_onnx, export_encoder, export_projector

@@ -77,9 +77,9 @@ def cmd_rerank(args: argparse.Namespace) -> int:
 
 
 def _rerank_in_process(args: argparse.Namespace, request) -> dict:
-    from .core.inprocess import load_in_process
+    from .runtime.inprocess import load_in_process
     from .core.jsonio import result_to_json
-    from .core.model import ENCODER_MAX_TOKENS
+    from .core.types import ENCODER_MAX_TOKENS
     from .core.types import Mode
     from .core.validation import validate_request
 
@@ -98,7 +98,7 @@ def _rerank_in_process(args: argparse.Namespace, request) -> dict:
 async def _rerank_text(model, request):
     """The text-listwise baseline (mode text): same output JSON, decode_steps = generated tokens."""
     from .core.reranker import ranked
-    from .core.text_listwise import rank_text_listwise
+    from .runtime.text_listwise import rank_text_listwise
     from .core.types import RankOptions, RerankResult, Timings
 
     timings = Timings()
@@ -166,7 +166,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .core.types import Mode
-    from .evaluation import (EvalError, EvalOptions, check_options, evaluate, format_report, load_qrels,
+    from .tools.evaluation import (EvalError, EvalOptions, check_options, evaluate, format_report, load_qrels,
                              load_rankllm, make_target)
 
     options = EvalOptions(top_k=args.top_k, mode=Mode(args.mode), top_n=args.top_n or None,
@@ -207,21 +207,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_triton(sub)
     for name, module in (("export", "pe_rank_export.cli"), ("serve", "pe_rank.service.cli"),
-                         ("bench", "pe_rank.benchmark"), ("train", "pe_rank.training.cli"),
-                         ("perf-analyzer", "pe_rank.perf_analyzer"), ("soak", "pe_rank.soak")):
+                         ("bench", "pe_rank.tools.benchmark"), ("train", "pe_rank.training.cli"),
+                         ("perf-analyzer", "pe_rank.tools.perf_analyzer"), ("soak", "pe_rank.tools.soak")):
         p = sub.add_parser(name, add_help=False, help=f"see `pe-rank {name} --help`")
         p.set_defaults(func=None, passthrough=name)
     return parser
 
 
 _PASSTHROUGH = {
-    "triton": ("pe_rank.triton.embedded", "cli_main"),
+    "triton": ("pe_rank.service.embedded_triton", "cli_main"),
     "export": ("pe_rank_export.cli", "cli_main"),
     "serve": ("pe_rank.service.cli", "cli_main"),
-    "bench": ("pe_rank.benchmark", "cli_main"),
+    "bench": ("pe_rank.tools.benchmark", "cli_main"),
     "train": ("pe_rank.training.cli", "cli_main"),
-    "perf-analyzer": ("pe_rank.perf_analyzer", "cli_main"),
-    "soak": ("pe_rank.soak", "cli_main"),
+    "perf-analyzer": ("pe_rank.tools.perf_analyzer", "cli_main"),
+    "soak": ("pe_rank.tools.soak", "cli_main"),
 }
 
 

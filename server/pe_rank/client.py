@@ -6,7 +6,7 @@ from pathlib import Path
 import grpc
 
 from .core.types import RerankRequest
-from .service.convert import request_to_proto, response_to_json
+from .core.proto import request_to_proto, response_to_json
 from .v1 import ranker_pb2 as pb
 from .v1 import ranker_pb2_grpc as pb_grpc
 

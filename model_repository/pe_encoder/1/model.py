@@ -37,7 +37,7 @@ class TritonPythonModel:
         if ids.shape != mask.shape or ids.ndim != 2:
             raise ValueError(f"INPUT_IDS {list(ids.shape)} and ATTENTION_MASK {list(mask.shape)} must be equal [N, L]")
         if self.runtime == "torch":
-            from pe_rank.core.model import encode_in_batches
+            from pe_rank.runtime.model import encode_in_batches
 
             out = encode_in_batches(self.encoder, self.pooling, ids, mask, self.device)
         else:

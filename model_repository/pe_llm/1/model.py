@@ -5,7 +5,7 @@ many passages decoding must emit; the rest is ordered by the last scores) and MO
 first). The response carries ORDER [n] (the window's local permutation, best first) and its
 costs: DECODE_STEPS, CACHED_TOKENS (prompt tokens from the head cache), PREFILL_MS, DECODE_MS.
 
-execute() hands each request to the engine (pe_rank.core.engine.DecodeEngine) and returns at
+execute() hands each request to the engine (pe_rank.runtime.engine.DecodeEngine) and returns at
 once; the engine thread prefills new windows as they arrive, advances every live window by
 one decode step in ONE batched forward, and answers each window through its response sender
 the moment it is decided. Nothing outlives a request: a cancelled request (client gone or
@@ -26,11 +26,12 @@ class TritonPythonModel:
     def initialize(self, args):
         import torch
 
-        from pe_rank.core.checkpoint import WeightFiles, read_checkpoint_info
-        from pe_rank.core.engine import DecodeEngine
-        from pe_rank.core.model import load_llm, torch_dtype
+        from pe_rank.core.checkpoint import read_checkpoint_info
+        from pe_rank.runtime.weights import WeightFiles
+        from pe_rank.runtime.engine import DecodeEngine
+        from pe_rank.runtime.model import load_llm, torch_dtype
         from pe_rank.core.prompt import PromptBuilder
-        from pe_rank.core.steps import TorchStepper
+        from pe_rank.runtime.steps import TorchStepper
         from pe_rank.core.tokenization import load_prompt_tokenizer
         from pe_rank.triton_backend.engine_metrics import TritonEngineMetrics
 

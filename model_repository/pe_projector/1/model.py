@@ -21,8 +21,8 @@ class TritonPythonModel:
             import torch
             from safetensors.torch import load_file
 
-            from pe_rank.core.checkpoint import build_projector
-            from pe_rank.core.model import torch_dtype
+            from pe_rank.runtime.weights import build_projector
+            from pe_rank.runtime.model import torch_dtype
 
             self.dtype = torch_dtype(meta["dtype"])
             self.device = torch.device(device_of(args))
@@ -42,7 +42,7 @@ class TritonPythonModel:
         if not np.all(np.isfinite(x)):
             raise ValueError("ENCODER_EMBEDDING contains NaN or Inf")
         if self.runtime == "torch":
-            from pe_rank.core.model import project
+            from pe_rank.runtime.model import project
 
             out = project(self.projector, x, self.dtype, self.device)
         else:

@@ -2,7 +2,7 @@
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from pe_rank.core.model import encoder_inputs
+from pe_rank.runtime.model import encoder_inputs
 from pe_rank.triton_backend.utils import input_array, model_dir, respond_each
 
 

@@ -1,7 +1,7 @@
 """The PE-Rank decoding loop: sliding windows of dynamic-constrained greedy decoding.
 
 Written once. :class:`WindowDecoder` is one window's greedy decoding, fed one score vector
-at a time; the engine (:mod:`~pe_rank.core.engine`) drives many of them in batched forwards.
+at a time; the engine (:mod:`~pe_rank.runtime.engine`) drives many of them in batched forwards.
 :func:`slide` is the sliding-window pass; it sends whole windows to a :class:`WindowBackend`:
 the in-process engine, Triton's ``pe_llm`` over gRPC, or ``pe_llm`` through BLS inside Triton.
 """

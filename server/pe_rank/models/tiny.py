@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.checkpoint import build_projector
+from ..runtime.weights import build_projector
 from ..core.prompt import PLACEHOLDER, RANK_TOKEN, prompt_text
 
 MISTRAL_CHAT_TEMPLATE = (

@@ -16,18 +16,18 @@ from typing import Callable
 import grpc
 
 from ..core.checkpoint import read_checkpoint_info
-from ..core.model import ENCODER_MAX_TOKENS
+from ..core.types import ENCODER_MAX_TOKENS
 from ..core.prompt import PromptBuilder
 from ..core.reranker import Reranker
-from ..core.tokenization import load_prompt_tokenizer
+from ..core.tokenization import EncoderTokenizer, load_prompt_tokenizer
 from ..core.types import RerankRequest, RerankResult, Timings
 from ..core.ranker import window_bounds
 from ..core.validation import InvalidRequest, Limits, validate_request
-from ..triton.remote import TritonWindowBackend
+from .triton_client import TritonWindowBackend
 from ..v1 import ranker_pb2 as pb
 from ..v1 import ranker_pb2_grpc as pb_grpc
 from .cache import EmbeddingCache
-from .convert import request_from_proto, response_to_proto
+from ..core.proto import request_from_proto, response_to_proto
 from .embedder import TritonEmbedder
 from .admission import Admission, AdmissionLimits
 from .errors import (Cancelled, DeadlineExceeded, Internal, ServiceError, from_exception, grpc_abort, grpc_deadline,
@@ -75,15 +75,13 @@ class RepositoryView:
     """What the server reads from the exported repository: tokenizers and sizes."""
 
     def __init__(self, repository: Path) -> None:
-        from transformers import AutoTokenizer
-
         checkpoint = repository / "pe_llm" / "1" / "checkpoint"
         tokenizer = repository / "pe_tokenizer" / "1" / "tokenizer"
         if not checkpoint.is_dir() or not tokenizer.is_dir():
             raise FileNotFoundError(f"{repository}: not an exported repository (run `pe-rank export` first)")
         self.info = read_checkpoint_info(checkpoint)
         self.prompts = PromptBuilder(load_prompt_tokenizer(checkpoint))
-        self.encoder_tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+        self.encoder_tokenizer = EncoderTokenizer(tokenizer)
         self.encoder_config = json.loads((self.info.encoder_dir / "config.json").read_text())
         self.max_batch = _max_batch_size(repository / "pe_encoder" / "config.pbtxt")
 
@@ -105,7 +103,7 @@ class RepositoryView:
     def _counts(self, texts: list[str], cap: int) -> list[int]:
         if not texts:
             return []
-        return [len(ids) for ids in self.encoder_tokenizer(texts, truncation=True, max_length=cap)["input_ids"]]
+        return self.encoder_tokenizer.counts(texts, cap)
 
 
 _PREFIX_CHARS = 16 * (ENCODER_MAX_TOKENS + 1)

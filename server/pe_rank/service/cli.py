@@ -101,7 +101,7 @@ def cli_main(argv: list[str]) -> int:
     )
     if config.triton_urls:
         return asyncio.run(serve_until_signalled(config, auth))
-    from ..triton.embedded import TritonServer, TritonStartError, TritonSupervisor
+    from .embedded_triton import TritonServer, TritonStartError, TritonSupervisor
 
     supervisor = TritonSupervisor(TritonServer(args.repository), max_failures=args.triton_max_failures,
                                   backoff_s=args.triton_backoff, stable_s=args.triton_stable)

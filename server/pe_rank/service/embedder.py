@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from ..core.types import Passage
-from ..triton.remote import embed_texts, project
+from .triton_client import embed_texts, project
 from .cache import EmbeddingCache, encoder_input_key
 
 EMBEDDING_MODES = ("exact", "cached")

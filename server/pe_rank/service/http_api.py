@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..core.model import ENCODER_MAX_TOKENS
+from ..core.types import ENCODER_MAX_TOKENS
 from ..core.types import Passage, RerankRequest, RerankResult
 from .app import RankingService
 from .errors import Cancelled, InvalidArgument, ServiceError, TooLarge, Unavailable, http_status

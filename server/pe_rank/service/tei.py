@@ -10,7 +10,7 @@ from typing import AsyncIterator
 
 import grpc
 
-from ..core.model import ENCODER_MAX_TOKENS
+from ..core.types import ENCODER_MAX_TOKENS
 from ..core.types import Passage, RerankRequest, RerankResult
 from ..tei.v1 import tei_pb2 as tei
 from ..tei.v1 import tei_pb2_grpc as tei_grpc

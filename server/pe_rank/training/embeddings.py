@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..core.model import PeRankModel
+from ..runtime.model import PeRankModel
 
 CHUNK = 32
 PROBE_TEXT = "pe-rank training cache probe: the quick brown fox jumps over the lazy dog"

@@ -2,7 +2,7 @@
 
 Both run the frozen LLM (``PeRankModel.llm``: the decoder stack with its final norm, no
 lm_head) on input embeddings whose ``<PLACEHOLDER>`` rows are replaced by projected
-passage embeddings, as :class:`pe_rank.core.steps.TorchStepper` does at inference.
+passage embeddings, as :class:`pe_rank.runtime.steps.TorchStepper` does at inference.
 """
 from __future__ import annotations
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ..core.checkpoint import PROJECTOR_PREFIX, WeightFiles
+from ..core.checkpoint import PROJECTOR_PREFIX
+from ..runtime.weights import WeightFiles
 
 PROJECTOR_FILE = "projector.safetensors"
 LLM_LAYERS_FILE = "llm_layers.safetensors"  # adapter-merged top layers (stage 3)

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..core.checkpoint import WeightFiles
-from ..core.model import PeRankModel
+from ..runtime.weights import WeightFiles
+from ..runtime.model import PeRankModel
 from ..core.prompt import PLACEHOLDER
 from .data import PSEUDO, Query, TrainingData
 from .embeddings import EmbeddingCache

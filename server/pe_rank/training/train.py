@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from ..core.model import PeRankModel, load_model
+from ..runtime.model import PeRankModel, load_model
 from .data import TrainingData, load_data
 from .embeddings import EmbeddingCache
 from .loop import StageConfig, StageResult, load_state, make_optimizer, run_stage, save_state

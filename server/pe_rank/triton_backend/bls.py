@@ -9,7 +9,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..core.engine import WindowCancelled
+from ..runtime.engine import WindowCancelled
 from ..core.ranker import WindowJob, WindowOutcome, window_arrays
 
 

@@ -35,7 +35,7 @@ def respond_each(pb_utils: Any, requests: list, handle: Callable[[Any], list]) -
 
 def triton_error(pb_utils: Any, exc: BaseException):
     """Our exceptions as Triton errors with a code clients can act on: cancelled, bad input, or internal."""
-    from ..core.engine import WindowCancelled
+    from ..runtime.engine import WindowCancelled
 
     if isinstance(exc, WindowCancelled):
         return pb_utils.TritonError(str(exc), pb_utils.TritonError.CANCELLED)

@@ -8,7 +8,7 @@ draws ``normal_(0, 0.02)`` there), so a 7B model never exists on the CPU and is 
 converted: at ``mistral-7b`` in float16 the LLM is 7.1 G parameters, 14.2 GB of device memory,
 made in seconds on a GPU.
 
-The result is an ordinary :class:`~pe_rank.core.model.PeRankModel`: the in-process reranker,
+The result is an ordinary :class:`~pe_rank.runtime.model.PeRankModel`: the in-process reranker,
 ``TorchStepper`` and the ranking loop run on it exactly as on a loaded checkpoint. Rankings of
 random weights mean nothing; timings and memory are what a trained model of the shape costs.
 """
@@ -20,11 +20,12 @@ from typing import Any, Iterator
 
 import torch
 
-from .core.checkpoint import CheckpointInfo, build_projector
-from .core.model import PeRankModel, build_llm
-from .core.prompt import PromptBuilder
-from .core.tokenization import load_prompt_tokenizer
-from .models.tokenizer_assets import ENCODER_TOKENIZER, PROMPT_TOKENIZER, PROMPT_VOCAB
+from ..core.checkpoint import CheckpointInfo
+from ..runtime.weights import build_projector
+from ..runtime.model import PeRankModel, build_llm
+from ..core.prompt import PromptBuilder
+from ..core.tokenization import load_prompt_tokenizer
+from ..models.tokenizer_assets import ENCODER_TOKENIZER, PROMPT_TOKENIZER, PROMPT_VOCAB
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ def build_synthetic(name: str, device: str | torch.device, dtype: torch.dtype, s
     """A PE-Rank model of shape ``name`` with random weights, made on ``device``.
 
     The LLM and projector are in ``dtype``; the encoder stays float32, as a loaded checkpoint's
-    does (:func:`~pe_rank.core.model.load_model`).
+    does (:func:`~pe_rank.runtime.model.load_model`).
     """
     from transformers import AutoTokenizer, BertConfig, BertModel
 

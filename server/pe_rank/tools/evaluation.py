@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
-from .core.types import Mode, Passage, RankOptions, RerankRequest
+from ..core.types import Mode, Passage, RankOptions, RerankRequest
 
 class EvalError(Exception):
     """A bad input file or option; printed as one ``error:`` line by the CLI."""
@@ -162,15 +162,15 @@ class InProcessTarget:
     """Ranks in this process (PE-Rank modes through the Reranker, mode text through the baseline)."""
 
     def __init__(self, folder: Path, dtype: str = "float32") -> None:
-        from .core.inprocess import load_in_process
+        from ..runtime.inprocess import load_in_process
 
         self.model, self.reranker = load_in_process(folder, dtype=dtype)
         self.description = str(folder)
 
     def rank(self, request: RerankRequest) -> Ranked:
-        from .core.jsonio import result_to_json
-        from .core.model import ENCODER_MAX_TOKENS
-        from .core.validation import validate_request
+        from ..core.jsonio import result_to_json
+        from ..core.types import ENCODER_MAX_TOKENS
+        from ..core.validation import validate_request
 
         validate_request(request, self.model.embedding_size, token_counts=self.model.passage_token_counts,
                          max_tokens=ENCODER_MAX_TOKENS, allow_text=True)
@@ -180,8 +180,8 @@ class InProcessTarget:
         return Ranked([r.index for r in result.ranking], result_to_json(result)["metadata"])
 
     async def _rank_text(self, request: RerankRequest) -> Ranked:
-        from .core.text_listwise import rank_text_listwise
-        from .core.types import Timings
+        from ..runtime.text_listwise import rank_text_listwise
+        from ..core.types import Timings
 
         timings = Timings()
         options = RankOptions(request.window_size, request.stride, request.mode, request.top_n or None)
@@ -202,7 +202,7 @@ class RemoteTarget:
     def __init__(self, server: str, timeout: float | None = None) -> None:
         import grpc
 
-        from .client import RankerClient
+        from ..client import RankerClient
 
         self.client = RankerClient(server)
         self.timeout = timeout
@@ -216,7 +216,7 @@ class RemoteTarget:
     def rank(self, request: RerankRequest) -> Ranked:
         import grpc
 
-        from .service.convert import response_to_json
+        from ..core.proto import response_to_json
 
         try:
             response = self.client.rerank(request, timeout=self.timeout)
@@ -293,7 +293,7 @@ def evaluate(target: Target, queries: Sequence[Query], qrels: dict[str, dict[str
              options: EvalOptions, progress: bool = True) -> EvalReport:
     from tqdm import tqdm
 
-    from .core.validation import InvalidRequest
+    from ..core.validation import InvalidRequest
 
     if options.max_queries is not None:
         queries = list(queries)[: options.max_queries]

@@ -30,7 +30,7 @@ from typing import Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from .client import AsyncRankerClient
+from ..client import AsyncRankerClient
 from .soak_mix import (ALLOWED_REFUSALS, KINDS, LOST, Outcome, SoakError, Spec, describe, field_of, invalid_requests,
                        load_samples, make_plan, parse_mix, ranking_of, valid_pool, verdict)
 from .soak_procs import ServerProcess, Watcher, machine, rss_mb

@@ -8,21 +8,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import (
-    ENCODER_PREFIX,
-    PROJECTOR_PREFIX,
-    CheckpointError,
-    CheckpointInfo,
-    WeightFiles,
-    build_projector,
-    load_into,
-    read_checkpoint_info,
-)
+from ..core.checkpoint import ENCODER_PREFIX, PROJECTOR_PREFIX, CheckpointError, CheckpointInfo, read_checkpoint_info
+from ..core.prompt import PromptBuilder
+from ..core.tokenization import PromptTokenizer, load_prompt_tokenizer
+from ..core.types import ENCODER_MAX_TOKENS
 from .kv_cache import register_attention
-from .prompt import PromptBuilder
-from .tokenization import PromptTokenizer, load_prompt_tokenizer
+from .weights import WeightFiles, build_projector, load_into
 
-ENCODER_MAX_TOKENS = 512
 ENCODER_BATCH = 16  # the released code encodes in batches of 16
 
 

@@ -3,7 +3,7 @@
 This is the original implementation's ``ListwiseTextRanker``: passage *texts* go into the
 prompt, the LLM generates ``[4] > [2] > ...`` greedily (up to 256 new tokens, until EOS),
 and the answer is parsed back into a permutation. It runs in-process only, on the LLM of a
-loaded :class:`~pe_rank.core.model.PeRankModel` plus its output head, and plugs into the
+loaded :class:`~pe_rank.runtime.model.PeRankModel` plus its output head, and plugs into the
 shared sliding window (:func:`pe_rank.core.ranker.slide`).
 """
 from __future__ import annotations
@@ -17,10 +17,11 @@ from typing import Sequence
 
 import torch
 
-from .checkpoint import CheckpointError, WeightFiles
+from ..core.checkpoint import CheckpointError
+from .weights import WeightFiles
 from .model import PeRankModel
-from .ranker import slide
-from .types import RankOptions, RankStats, Timings
+from ..core.ranker import slide
+from ..core.types import RankOptions, RankStats, Timings
 
 MAX_NEW_TOKENS = 256  # the original's generate(max_new_tokens=256)
 LM_HEAD_KEY = "lm_head.weight"

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
-from .prompt import PromptBuilder
+from ..core.prompt import PromptBuilder
 
 
 class HeadCache:

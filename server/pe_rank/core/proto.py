@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..core.types import Mode, Passage, RerankRequest, RerankResult
+from .types import Mode, Passage, RerankRequest, RerankResult
 from ..v1 import ranker_pb2 as pb
 
 _MODES = {pb.MODE_UNSPECIFIED: Mode.FULL, pb.MODE_FULL: Mode.FULL, pb.MODE_FIRST: Mode.FIRST}
@@ -11,7 +11,7 @@ _MODES = {pb.MODE_UNSPECIFIED: Mode.FULL, pb.MODE_FULL: Mode.FULL, pb.MODE_FIRST
 
 def request_from_proto(msg: pb.RerankRequest) -> RerankRequest:
     """Shape only; values are checked by validate_request."""
-    from ..core.validation import InvalidRequest
+    from .validation import InvalidRequest
 
     if msg.mode not in _MODES:
         raise InvalidRequest("mode", f"unknown mode {msg.mode}")

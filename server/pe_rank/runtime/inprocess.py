@@ -7,11 +7,11 @@ from typing import Sequence
 import numpy as np
 
 from .model import PeRankModel, load_model
-from .ranker import MatrixSource, WindowSource
-from .reranker import Reranker
+from ..core.ranker import MatrixSource, WindowSource
+from ..core.reranker import Reranker
 from .engine import DecodeEngine, EngineBackend
 from .steps import TorchStepper
-from .types import Passage
+from ..core.types import Passage
 
 
 class PerWindowSource:

@@ -217,9 +217,9 @@ async def _embed_windows(url: str, windows: list[list[str]], warm_prompt: np.nda
     """pe_embed on every window (real model outputs), then one first-mode window on pe_llm to warm it up."""
     from tritonclient.grpc.aio import InferenceServerClient
 
-    from .core.ranker import WindowJob
-    from .core.types import Mode
-    from .triton.remote import TritonWindowBackend, embed_texts
+    from ..core.ranker import WindowJob
+    from ..core.types import Mode
+    from ..service.triton_client import TritonWindowBackend, embed_texts
 
     client = InferenceServerClient(url)
     try:
@@ -235,7 +235,7 @@ def write_inputs(repository: Path, url: str, data: Path, queries: int, window: i
                  with_llm: bool = True, rank_passages: int = 100) -> Inputs:
     """perf_analyzer input files for the four models, checked against the repository's sizes."""
     from .evaluation import load_rankllm
-    from .service.app import RepositoryView
+    from ..service.app import RepositoryView
 
     view = RepositoryView(repository)
     items = [q for q in load_rankllm(data) if len(q.hits) >= window][:queries]
@@ -492,8 +492,8 @@ def cli_main(argv: list[str]) -> int:
     parser.add_argument("--timeout", type=float, default=600, help="seconds per perf_analyzer run")
     parser.add_argument("--install-only", action="store_true", help="install into --cache, print the path, exit")
     args = parser.parse_args(argv)
-    from .cli import UserError
-    from .triton.embedded import TritonServer, TritonStartError
+    from ..cli import UserError
+    from ..service.embedded_triton import TritonServer, TritonStartError
 
     try:
         program = args.perf_analyzer or install(args.cache, args.debian_mirror,

@@ -109,7 +109,7 @@ def valid_pool(samples: list[tuple[str, list[tuple[str, str]]]], distinct: int, 
                embedding_size: int):
     """``distinct`` different valid requests: passage counts 2..max_passages, windows, top_n, modes,
     and one in five with precomputed (random, seeded) embeddings instead of texts."""
-    from .v1 import ranker_pb2 as pb
+    from ..v1 import ranker_pb2 as pb
 
     rng = random.Random(seed + 1)
     pool, keys = [], set()

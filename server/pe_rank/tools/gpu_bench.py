@@ -1,7 +1,7 @@
 """``pe-rank bench --synthetic SHAPE``: what PE-Rank costs on a device, with no model files.
 
 Made for a bare GPU machine lent for minutes (PyTorch, transformers and numpy only): the model
-is synthetic (:mod:`pe_rank.synthetic`: released shapes, random weights made on the device),
+is synthetic (:mod:`pe_rank.tools.synthetic`: released shapes, random weights made on the device),
 the data are the DL19 BM25 candidates and the conformance vectors of a source checkout. It
 measures, printing progress per phase:
 
@@ -147,7 +147,7 @@ class _RecordingBackend:
         self.windows = windows
 
     async def rank_window(self, job):
-        from .core.ranker import WindowDecoder, WindowOutcome
+        from ..core.ranker import WindowDecoder, WindowOutcome
 
         decoder = WindowDecoder(len(job.embeds), job.mode, job.emit)
         state, scores = self.stepper.start(job.prompt_ids, job.embeds)
@@ -183,7 +183,7 @@ class _RecordingEmbedder:
 
 
 def _request(case: dict):
-    from .core.types import Passage, RerankRequest
+    from ..core.types import Passage, RerankRequest
 
     r = case["request"]
     return RerankRequest(query=r["query"], passages=tuple(Passage(p["id"], p["text"]) for p in r["passages"]),
@@ -192,7 +192,7 @@ def _request(case: dict):
 
 async def _replay_max_diff(model, stepper, request, windows: list[dict], calls: list[list[int]]) -> float:
     """Largest |score - float32 score| when ``model`` decodes along the float32 run's picks."""
-    from .core.inprocess import PerWindowSource
+    from ..runtime.inprocess import PerWindowSource
 
     source = PerWindowSource(model, request.passages)
     worst = 0.0
@@ -210,9 +210,9 @@ async def conformance(folder: Path, device: str, dtype: str, limit: int | None =
 
     ``limit``: only the first cases of each checkpoint (they are ordered by size).
     """
-    from .core.inprocess import InProcessEmbedder, in_process_reranker, stepper_for
-    from .core.model import load_model
-    from .core.reranker import Reranker
+    from ..runtime.inprocess import InProcessEmbedder, in_process_reranker, stepper_for
+    from ..runtime.model import load_model
+    from ..core.reranker import Reranker
     from .recorded_prompts import FILE as RECORDED, load as load_recorded
 
     missing = [name for name in CONFORMANCE_CHECKPOINTS if not (folder / f"{name}.cases.json").exists()]
@@ -281,13 +281,13 @@ def _queries(data: Path, count: int):
 
 
 def _options(mode: str) -> dict[str, Any]:
-    from .core.types import Mode
+    from ..core.types import Mode
 
     return {k: Mode(v) if k == "mode" else v for k, v in MODES[mode].items()}
 
 
 async def run_query(reranker, clock: Clock, query, top_k: int, mode: str) -> dict[str, float]:
-    from .core.types import Timings
+    from ..core.types import Timings
     from .evaluation import to_request
 
     request = to_request(query, top_k, **_options(mode))
@@ -402,8 +402,8 @@ def check_environment(device: str) -> tuple[object, str | None]:
 async def run(args: argparse.Namespace, start: float) -> dict[str, Any]:
     import torch
 
-    from .core.inprocess import in_process_reranker, stepper_for
-    from .core.model import torch_dtype
+    from ..runtime.inprocess import in_process_reranker, stepper_for
+    from ..runtime.model import torch_dtype
     from .synthetic import SHAPES, build_synthetic, decode_step_weight_bytes, parameter_count
 
     device, warning = check_environment(args.device)
@@ -623,7 +623,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def cli_main(argv: list[str]) -> int:
     from .benchmark import git_commit, result_stem
-    from .cli import UserError
+    from ..cli import UserError
     from .evaluation import EvalError
     from .synthetic import SyntheticError
 

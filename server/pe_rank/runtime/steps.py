@@ -1,7 +1,7 @@
 """The LLM side of dynamic-constrained decoding: prefill a window, feed chosen passages.
 
 ``TorchStepper`` is the single implementation of "prefill a window" and "feed the chosen
-passage(s)"; the decode engine (:mod:`~pe_rank.core.engine`) drives it, in-process and
+passage(s)"; the decode engine (:mod:`~pe_rank.runtime.engine`) drives it, in-process and
 inside Triton's ``pe_llm``.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch import nn
 
 from .head_cache import HeadCache
 from .kv_cache import WindowCaches, reserved_cache
-from .prompt import PromptBuilder
+from ..core.prompt import PromptBuilder
 
 
 @dataclass
@@ -32,7 +32,7 @@ class TorchStepper:
     """Runs the LLM: scores s_i = h . e_i from the final-norm hidden state at the last position.
 
     ``head_cache`` is how many prompt heads (one per window size) keep their keys/values
-    across windows and requests (:mod:`~pe_rank.core.head_cache`); 0 prefills every prompt
+    across windows and requests (:mod:`~pe_rank.runtime.head_cache`); 0 prefills every prompt
     whole, as the reference implementation did.
     """
 
@@ -92,8 +92,8 @@ class TorchStepper:
         of concurrent windows cost little more together than one alone. The windows' caches
         differ in length and stay where they are: the linear layers run on the batch, each
         window's new key/value is written into its own reserved cache, and attention runs per
-        window over that cache (:class:`~pe_rank.core.kv_cache.WindowCaches`,
-        :func:`~pe_rank.core.kv_cache.window_attention`); each window's position id is its own
+        window over that cache (:class:`~pe_rank.runtime.kv_cache.WindowCaches`,
+        :func:`~pe_rank.runtime.kv_cache.window_attention`); each window's position id is its own
         length, so RoPE is what ``step`` gives. Nothing is padded or copied.
 
         One window goes through ``step`` itself, bit-identical, and so do windows that reach the

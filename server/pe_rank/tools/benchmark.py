@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .core.types import Mode, RankOptions
+from ..core.types import Mode, RankOptions
 from .evaluation import EvalError, Query, Ranked, load_qrels, load_rankllm, rerank_order, score, to_request
 
 IN_PROCESS = {"pe_rank_full": {}, "pe_rank_first": {"mode": Mode.FIRST}, "pe_rank_top10": {"top_n": 10}}
@@ -85,7 +85,7 @@ def _record(runs: dict, name: str, ms: float, prompt_tokens: int, steps: int, qu
 
 
 async def _in_process(model, reranker, queries: list[Query], top_k: int, runs: dict, text_queries: int) -> None:
-    from .core.text_listwise import rank_text_listwise
+    from ..runtime.text_listwise import rank_text_listwise
 
     for i, query in enumerate(queries):
         for name, change in IN_PROCESS.items():
@@ -107,7 +107,7 @@ class _Service:
     def __enter__(self) -> str:
         from pe_rank_export.repository import ExportOptions, export_repository
 
-        from .triton.embedded import TritonServer, free_port
+        from ..service.embedded_triton import TritonServer, free_port
 
         self.tmp = tempfile.TemporaryDirectory(prefix="pe-rank-bench-")
         repo = Path(self.tmp.name) / "repository"
@@ -171,7 +171,7 @@ def triton_counters(metrics_port: int) -> dict[str, float]:
 async def _through_server(service: "_Service", queries: list[Query], top_k: int, runs: dict,
                           concurrency: list[int]) -> tuple[dict, float]:
     """Single-client runs, then the concurrency sweep; returns (sweep, pe_llm calls per query)."""
-    from .client import AsyncRankerClient
+    from ..client import AsyncRankerClient
 
     sweep = {}
     requests = [to_request(q, top_k) for q in queries]
@@ -229,7 +229,7 @@ def _quality(qrels: dict[str, dict[str, int]], rankings: dict[str, list[str]]) -
 async def run_bench(checkpoint: Path, data: Path, queries: int, top_k: int, text_queries: int,
                     concurrency: list[int], with_server: bool = True,
                     qrels: dict[str, dict[str, int]] | None = None) -> dict:
-    from .core.inprocess import load_in_process
+    from ..runtime.inprocess import load_in_process
 
     model, reranker = load_in_process(checkpoint)
     items = _queries(data, queries)
@@ -389,7 +389,7 @@ def cli_main(argv: list[str]) -> int:
     try:
         qrels = load_qrels(args.qrels) if args.qrels else None  # fail before minutes of benchmarking
     except EvalError as exc:
-        from .cli import UserError
+        from ..cli import UserError
 
         raise UserError(str(exc)) from None
     result = asyncio.run(run_bench(args.model, args.data, args.queries, args.top_k, args.text_queries,

@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
-from .core.prompt import HEAD_PROBES, PLACEHOLDER, prompt_text
-from .core.ranker import window_bounds
+from ..core.prompt import HEAD_PROBES, PLACEHOLDER, prompt_text
+from ..core.ranker import window_bounds
 
 FILE = "prompt_ids.json"
 
@@ -51,8 +51,8 @@ def prompts_needed(cases: Iterable[dict]) -> list[tuple[str, int]]:
 
 def record(checkpoint: Path, cases: Iterable[dict]) -> dict[str, Any]:
     """The prompt ids of ``cases`` as the checkpoint's own tokenizer builds them."""
-    from .core.prompt import PromptBuilder
-    from .core.tokenization import load_prompt_tokenizer
+    from ..core.prompt import PromptBuilder
+    from ..core.tokenization import load_prompt_tokenizer
 
     builder = PromptBuilder(load_prompt_tokenizer(checkpoint))
     return {"token_ids": {PLACEHOLDER: builder.placeholder_id},
@@ -73,7 +73,7 @@ def load(folder: Path, name: str) -> RecordedPromptTokenizer | None:
     return RecordedPromptTokenizer(recorded[name]) if name in recorded else None
 
 
-if __name__ == "__main__":  # python -m pe_rank.recorded_prompts [FOLDER]: (re)write FOLDER/prompt_ids.json
+if __name__ == "__main__":  # python -m pe_rank.tools.recorded_prompts [FOLDER]: (re)write FOLDER/prompt_ids.json
     import sys
 
     from .gpu_bench import CONFORMANCE_CHECKPOINTS, DEFAULT_CONFORMANCE

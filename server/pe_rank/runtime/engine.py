@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from .ranker import WindowDecoder, WindowJob, WindowOutcome
+from ..core.ranker import WindowDecoder, WindowJob, WindowOutcome
 from .steps import TorchStepper, WindowState
 
 log = logging.getLogger("pe_rank.engine")
