@@ -224,3 +224,9 @@ def test_trained_demo_is_the_untrained_one_plus_the_shipped_parts(weights: dict[
     config = json.loads((folder / "config.json").read_text())
     assert config["pe_rank_demo"]["projector"].startswith("trained")
     assert "LoRA adapter merged" in config["pe_rank_demo"]["llm"]
+
+
+def test_the_servers_prompt_tokenizer_equals_transformers_on_the_demo(demo_dir: Path) -> None:
+    from test_tokenization import assert_same_prompts
+
+    assert_same_prompts(demo_dir)

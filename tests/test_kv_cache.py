@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from pe_rank.core import steps
+from pe_rank.runtime import steps
 from pe_rank.runtime.inprocess import stepper_for
 from pe_rank.runtime.kv_cache import ReservedLayer, reserved_cache
 from pe_rank.runtime.model import load_model

@@ -16,11 +16,10 @@ from pe_rank.core.prompt import PromptBuilder
 from pe_rank.core.reranker import Reranker
 from pe_rank.core.tokenization import load_prompt_tokenizer
 from pe_rank.core.types import Passage, RerankRequest
-from pe_rank.service.cache import EmbeddingCache
-from pe_rank.service.embedder import TritonEmbedder
+from pe_rank.core.embeddings import WindowEmbeddings
 from pe_rank.core.ranker import WindowJob
 from pe_rank.core.types import Mode
-from pe_rank.service.triton_client import TritonWindowBackend, window_inputs, window_outcome
+from pe_rank.service.triton_client import TritonEncoder, TritonWindowBackend, window_inputs, window_outcome
 
 pytestmark = pytest.mark.triton
 
@@ -127,7 +126,7 @@ def test_triton_ranking_equals_original(item, tritons, prompt_builders):
 
         client = InferenceServerClient(url)
         try:
-            reranker = Reranker(TritonEmbedder(client, EmbeddingCache(0), "exact"), TritonWindowBackend(client),
+            reranker = Reranker(WindowEmbeddings(TritonEncoder(client)), TritonWindowBackend(client),
                                 prompt_builders[name])
             return await reranker.rerank(request_of(case))
         finally:
@@ -323,7 +322,7 @@ def test_concurrent_windows_rank_as_if_alone_and_share_forward_passes(tritons, c
         client = InferenceServerClient(url)
         try:
             def reranker():
-                return Reranker(TritonEmbedder(client, EmbeddingCache(0), "exact"), TritonWindowBackend(client),
+                return Reranker(WindowEmbeddings(TritonEncoder(client)), TritonWindowBackend(client),
                                 prompt_builders[name])
 
             alone = [[r.id for r in (await reranker().rerank(req)).ranking] for req in requests]
@@ -419,3 +418,45 @@ def test_pe_rank_requests_do_not_queue_behind_each_other(clients, dl19):
     run("short", short)
     first.join(timeout=300)
     assert done == ["short", "long"]
+
+
+def test_pe_rank_unloaded_mid_request_still_answers_it(exported, dl19):
+    """A request in flight when pe_rank is unloaded gets its whole ranking, then the model goes.
+
+    Triton 2.51 itself holds the unload until in-flight responses are sent (this passes with the old
+    finalize too); pe_rank's draining finalize is the backstop for a finalize that comes earlier
+    (a shutdown past its exit timeout), where the old one stopped the loop and left callers hanging.
+    """
+    import threading
+
+    from pe_rank.service.embedded_triton import TritonServer
+
+    q = dl19[9]
+    long = {"query": q["query"], "passages": [{"text": h["content"]} for h in q["hits"]] * 3}  # 300: 29 windows
+    calls = 'nv_inference_request_success{model="pe_llm",version="1"}'
+    with TritonServer(exported("tiny-a"), extra_args=["--model-control-mode=explicit", "--load-model=*"]) as triton:
+        client = tclient.InferenceServerClient(triton.grpc_url)
+        got: dict = {}
+
+        def run() -> None:
+            try:
+                got["order"] = client.infer("pe_rank", rank_inputs(long), client_timeout=300).as_numpy("ORDER")
+            except InferenceServerException as exc:
+                got["error"] = exc
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        deadline = time.monotonic() + 120
+        while triton_metric(triton, calls) < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)  # bounded wait for the state the test needs: its first window answered
+        windows_before_unload = triton_metric(triton, calls)
+        client.unload_model("pe_rank")
+        worker.join(timeout=300)
+        assert 1 <= windows_before_unload < 29, "the unload did not land mid-request"
+        assert "error" not in got, got.get("error")
+        assert sorted(got["order"].tolist()) == list(range(300))
+        assert triton_metric(triton, calls) == 29
+        deadline = time.monotonic() + 60
+        while client.is_model_ready("pe_rank") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not client.is_model_ready("pe_rank")

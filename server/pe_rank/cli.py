@@ -2,19 +2,15 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are never downloaded at run time
 
-
-class UserError(Exception):
-    """Printed as one line, without a traceback."""
+from .core.errors import InvalidRequest, UserError  # noqa: E402  (after the environment is set)
 
 
 def _add_make_model(sub: argparse._SubParsersAction) -> None:
@@ -77,41 +73,14 @@ def cmd_rerank(args: argparse.Namespace) -> int:
 
 
 def _rerank_in_process(args: argparse.Namespace, request) -> dict:
-    from .runtime.inprocess import load_in_process
     from .core.jsonio import result_to_json
-    from .core.types import ENCODER_MAX_TOKENS
-    from .core.types import Mode
-    from .core.validation import validate_request
+    from .runtime.inprocess import load_ranker
 
-    model, reranker = load_in_process(args.model, dtype=args.dtype)
-    validate_request(request, model.embedding_size, token_counts=model.passage_token_counts,
-                     max_tokens=ENCODER_MAX_TOKENS, allow_text=True, prompts=reranker.prompts)
-    t0 = time.perf_counter()
-    if request.mode is Mode.TEXT:
-        result = asyncio.run(_rerank_text(model, request))
-    else:
-        result = asyncio.run(reranker.rerank(request))
-    result.timings.total_ms = (time.perf_counter() - t0) * 1e3
-    return result_to_json(result)
-
-
-async def _rerank_text(model, request):
-    """The text-listwise baseline (mode text): same output JSON, decode_steps = generated tokens."""
-    from .core.reranker import ranked
-    from .runtime.text_listwise import rank_text_listwise
-    from .core.types import RankOptions, RerankResult, Timings
-
-    timings = Timings()
-    t0 = time.perf_counter()
-    options = RankOptions(request.window_size, request.stride, request.mode, request.top_n or None)
-    order, stats = await rank_text_listwise(model, request.query, [p.text for p in request.passages], options, timings)
-    timings.rank_ms = (time.perf_counter() - t0) * 1e3
-    return RerankResult(ranking=ranked(request, order), stats=stats, timings=timings)
+    return result_to_json(load_ranker(args.model, dtype=args.dtype).rank_sync(request))
 
 
 def _rerank_remote(args: argparse.Namespace, request) -> dict:
     from .core.types import Mode
-    from .core.validation import InvalidRequest
 
     if request.mode is Mode.TEXT:  # the protocol has no such mode: refuse instead of running "full"
         raise InvalidRequest("mode", "mode text is only available in-process")
@@ -167,27 +136,24 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .core.types import Mode
     from .tools.evaluation import (EvalError, EvalOptions, check_options, evaluate, format_report, load_qrels,
-                             load_rankllm, make_target)
+                                   load_rankllm, make_target)
 
     options = EvalOptions(top_k=args.top_k, mode=Mode(args.mode), top_n=args.top_n or None,
                           window_size=args.window_size, stride=args.stride, max_queries=args.max_queries,
                           binary_rel=args.binary_rel, tag=args.tag)
-    try:
-        check_options(options, remote=args.server is not None)
-        if args.threads is not None:
-            if args.threads < 1:
-                raise EvalError(f"--threads must be at least 1, got {args.threads}")
-            import torch
+    check_options(options, remote=args.server is not None)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise EvalError(f"--threads must be at least 1, got {args.threads}")
+        import torch
 
-            torch.set_num_threads(args.threads)
-        queries, qrels = load_rankllm(args.data), load_qrels(args.qrels)
-        target = make_target(args.model, args.server, dtype=args.dtype, timeout=args.timeout)
-        try:
-            report = evaluate(target, queries, qrels, args.output, options)
-        finally:
-            target.close()
-    except EvalError as exc:
-        raise UserError(str(exc)) from None
+        torch.set_num_threads(args.threads)
+    queries, qrels = load_rankllm(args.data), load_qrels(args.qrels)
+    target = make_target(args.model, args.server, dtype=args.dtype, timeout=args.timeout)
+    try:
+        report = evaluate(target, queries, qrels, args.output, options)
+    finally:
+        target.close()
     print(json.dumps(report.to_json(), indent=2) if args.json else format_report(report))
     return 0
 
@@ -227,9 +193,6 @@ _PASSTHROUGH = {
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; user mistakes print one ``error:`` line and exit 2."""
-    from .core.checkpoint import CheckpointError
-    from .core.validation import InvalidRequest
-
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if argv and argv[0] in _PASSTHROUGH:
@@ -238,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         module, func = _PASSTHROUGH[argv[0]]
         try:
             return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
-        except (UserError, CheckpointError, InvalidRequest) as exc:
+        except (UserError, InvalidRequest) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     args, rest = build_parser().parse_known_args(argv)
@@ -246,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return int(args.func(args) or 0)
-    except (UserError, CheckpointError, InvalidRequest) as exc:
+    except (UserError, InvalidRequest) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

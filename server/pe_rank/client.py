@@ -5,8 +5,9 @@ from pathlib import Path
 
 import grpc
 
-from .core.types import RerankRequest
+from .core.errors import UserError
 from .core.proto import request_to_proto, response_to_json
+from .core.types import RerankRequest
 from .v1 import ranker_pb2 as pb
 from .v1 import ranker_pb2_grpc as pb_grpc
 
@@ -31,6 +32,18 @@ def read_api_key(path: Path) -> str:
         if line.strip() and not line.strip().startswith("#"):
             return line.strip()
     raise ValueError(f"{path}: holds no API key")
+
+
+class RankerError(UserError):
+    """A call the server refused or failed, as one line: ``[where: ]CODE: details``.
+
+    The one wrapping of ``grpc.RpcError`` for the project's own tools (``pe-rank rerank --server``,
+    ``pe-rank eval --server``); the clients themselves raise gRPC's errors, as gRPC users expect.
+    """
+
+    def __init__(self, error: grpc.RpcError, where: str = "") -> None:
+        self.code, self.details = error.code(), error.details()
+        super().__init__(f"{where + ': ' if where else ''}{self.code.name}: {self.details}")
 
 
 def _metadata(api_key: str | None) -> tuple[tuple[str, str], ...] | None:
@@ -102,10 +115,8 @@ def rerank_json(target: str, request: RerankRequest, timeout: float | None = Non
 
     ``connection``: RankerClient's keyword arguments (root_cert, api_key, client_cert, client_key).
     """
-    from .cli import UserError
-
     with RankerClient(target, **connection) as client:
         try:
             return response_to_json(client.rerank(request, timeout=timeout))
         except grpc.RpcError as exc:
-            raise UserError(f"{exc.code().name}: {exc.details()}") from None
+            raise RankerError(exc) from None

@@ -10,6 +10,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from pe_rank.core.errors import InvalidRequest
 from pe_rank.triton_backend.utils import device_of, input_array, model_dir, onnx_session, parameters, respond_each
 
 
@@ -35,7 +36,7 @@ class TritonPythonModel:
         ids = input_array(pb_utils, request, "INPUT_IDS").astype(np.int64)
         mask = input_array(pb_utils, request, "ATTENTION_MASK").astype(np.int64)
         if ids.shape != mask.shape or ids.ndim != 2:
-            raise ValueError(f"INPUT_IDS {list(ids.shape)} and ATTENTION_MASK {list(mask.shape)} must be equal [N, L]")
+            raise InvalidRequest("INPUT_IDS", f"{list(ids.shape)} and ATTENTION_MASK {list(mask.shape)} must be equal [N, L]")
         if self.runtime == "torch":
             from pe_rank.runtime.model import encode_in_batches
 

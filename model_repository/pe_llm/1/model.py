@@ -17,6 +17,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from pe_rank.core.errors import InvalidRequest
 from pe_rank.triton_backend.utils import device_of, input_array, model_dir, parameters, triton_error
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -69,9 +70,11 @@ class TritonPythonModel:
         mode = input_array(pb_utils, request, "MODE", required=False)
         mode_name = "full" if mode is None else _text(mode.reshape(-1)[0])
         if mode_name not in ("full", "first"):
-            raise ValueError(f"MODE must be full or first, got {mode_name!r}")
-        return WindowJob(prompt_ids=input_array(pb_utils, request, "PROMPT_IDS"),
-                         embeds=input_array(pb_utils, request, "PASSAGE_EMBEDS"), mode=Mode(mode_name),
+            raise InvalidRequest("MODE", f"must be full or first, got {mode_name!r}")
+        embeds = input_array(pb_utils, request, "PASSAGE_EMBEDS")
+        if embeds.ndim != 2 or len(embeds) == 0:
+            raise InvalidRequest("PASSAGE_EMBEDS", f"expected [n >= 1, H], got {list(embeds.shape)}")
+        return WindowJob(prompt_ids=input_array(pb_utils, request, "PROMPT_IDS"), embeds=embeds, mode=Mode(mode_name),
                          emit=0 if emit is None else int(emit.reshape(-1)[0]))
 
     def finalize(self):

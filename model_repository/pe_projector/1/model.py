@@ -8,6 +8,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from pe_rank.core.errors import InvalidRequest
 from pe_rank.triton_backend.utils import device_of, input_array, model_dir, onnx_session, parameters, respond_each
 
 
@@ -38,9 +39,9 @@ class TritonPythonModel:
     def _project(self, request):
         x = input_array(pb_utils, request, "ENCODER_EMBEDDING").astype(np.float32)
         if x.ndim != 2 or x.shape[1] != self.embedding_size:
-            raise ValueError(f"ENCODER_EMBEDDING must be [N, {self.embedding_size}], got {list(x.shape)}")
+            raise InvalidRequest("ENCODER_EMBEDDING", f"must be [N, {self.embedding_size}], got {list(x.shape)}")
         if not np.all(np.isfinite(x)):
-            raise ValueError("ENCODER_EMBEDDING contains NaN or Inf")
+            raise InvalidRequest("ENCODER_EMBEDDING", "contains NaN or Inf")
         if self.runtime == "torch":
             from pe_rank.runtime.model import project
 

@@ -2,20 +2,27 @@
 
 Inputs QUERY (1 text), PASSAGES (n texts), optional WINDOW_SIZE, STRIDE, TOP_N (INT32) and MODE
 (full or first); output ORDER (INT64, input indices best first; the top TOP_N when it is > 0).
-The sliding-window pass is pe_rank.core.ranker's; each window is one pe_embed and one pe_llm
+The ranking is pe_rank.core.reranker's, as in the server; each window is one pe_embed and one pe_llm
 call through BLS. execute() only hands requests to an asyncio loop of this model and returns,
 so concurrent requests run side by side (their windows meet in pe_llm's batched steps), and
 each answers through its response sender when done. A cancelled request sends no further window.
 """
 import asyncio
+import concurrent.futures
 import threading
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from pe_rank.core.errors import EngineUnavailable
 from pe_rank.triton_backend.utils import input_array, model_dir, triton_error
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+DRAIN_S = 30.0  # finalize waits this long for running requests before cancelling them
+
+
+def _error(exc):
+    return pb_utils.InferenceResponse(error=triton_error(pb_utils, exc))
 
 
 class TritonPythonModel:
@@ -30,36 +37,60 @@ class TritonPythonModel:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="pe-rank-requests", daemon=True)
         self.thread.start()
+        self.running: set = set()  # requests being ranked (concurrent futures on the loop)
+        self.lock = threading.Lock()  # execute() adds from Triton's thread, done callbacks discard on the loop's
+        self.closing = False
 
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
-            asyncio.run_coroutine_threadsafe(self._answer(request, sender), self.loop)
+            with self.lock:  # checked and added together: finalize waits for every request it let in
+                future = None if self.closing else asyncio.run_coroutine_threadsafe(self._answer(request, sender),
+                                                                                    self.loop)
+                if future is not None:
+                    self.running.add(future)
+            if future is None:  # unloading: another instance or Triton may take it
+                sender.send(_error(EngineUnavailable("pe_rank is unloading")), flags=FINAL)
+            else:
+                future.add_done_callback(self._done)
         return None
+
+    def _done(self, future):
+        with self.lock:
+            self.running.discard(future)
 
     async def _answer(self, request, sender):
         try:
             order = await self._rank(request, sender.is_cancelled)
             response = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("ORDER", np.asarray(order, np.int64))])
+        except asyncio.CancelledError:  # finalize gave up waiting: answer, never leave the caller hanging
+            sender.send(_error(EngineUnavailable("pe_rank unloaded before the request finished")), flags=FINAL)
+            raise
         except Exception as exc:
-            response = pb_utils.InferenceResponse(error=triton_error(pb_utils, exc))
+            response = _error(exc)
         sender.send(response, flags=FINAL)
 
     async def _rank(self, request, is_cancelled):
-        from pe_rank.core.ranker import rank_passages
-        from pe_rank.core.types import RankOptions
+        from pe_rank.core.embeddings import WindowEmbeddings
+        from pe_rank.core.reranker import Reranker
         from pe_rank.core.validation import validate_request
-        from pe_rank.triton_backend.bls import BlsWindowBackend, BlsWindowSource
+        from pe_rank.triton_backend.bls import BlsEncoder, BlsWindowBackend
 
         req = _request(request)
-        validate_request(req, self.info.embedding_size)
-        texts = [p.text for p in req.passages]
-        options = RankOptions(req.window_size, req.stride, req.mode, req.top_n or None)
-        order, _ = await rank_passages(BlsWindowBackend(pb_utils), self.prompts, req.query, len(texts),
-                                       BlsWindowSource(pb_utils, texts, is_cancelled), options)
-        return order[: req.top_n] if req.top_n else order
+        validate_request(req, self.info.embedding_size, prompts=self.prompts)
+        reranker = Reranker(WindowEmbeddings(BlsEncoder(pb_utils, is_cancelled)), BlsWindowBackend(pb_utils),
+                            self.prompts)
+        return [r.index for r in (await reranker.rerank(req)).ranking]
 
     def finalize(self):
+        """Drain: refuse new requests, let running ones finish (bounded), cancel the rest with an answer."""
+        with self.lock:
+            self.closing = True
+            running = list(self.running)
+        _, late = concurrent.futures.wait(running, timeout=DRAIN_S)
+        for future in late:
+            future.cancel()
+        concurrent.futures.wait(late, timeout=5)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
 

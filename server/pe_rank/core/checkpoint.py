@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
+
 
 LLM_TYPES = {"embed_mistral": "mistral", "embed_llama": "llama"}
 POOLINGS = ("mean", "cls", "last_token")
@@ -21,7 +23,7 @@ PROJECTOR_PREFIX = "model.projector."
 ENCODER_PREFIX = "model.encoder.encoder."
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be used as it is; the message says which file and key."""
 
 

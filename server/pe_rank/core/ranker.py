@@ -23,16 +23,6 @@ class WindowSource(Protocol):
     async def window(self, indices: list[int]) -> np.ndarray: ...
 
 
-class MatrixSource:
-    """Rows of embeddings computed once per request (or cached, or supplied by the caller)."""
-
-    def __init__(self, embeds: np.ndarray) -> None:
-        self.embeds = embeds
-
-    async def window(self, indices: list[int]) -> np.ndarray:
-        return self.embeds[indices]
-
-
 @dataclass(frozen=True)
 class WindowJob:
     """One window, everything the LLM needs: what crosses the wire to ``pe_llm``."""

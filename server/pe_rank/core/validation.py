@@ -6,22 +6,11 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from .errors import InvalidRequest, RequestTooLarge
 from .types import Mode, RerankRequest
 
 if TYPE_CHECKING:
     from .prompt import PromptBuilder
-
-
-class InvalidRequest(ValueError):
-    """A request the service refuses; ``field`` names the offending field."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field, self.reason = field, message
-
-
-class RequestTooLarge(InvalidRequest):
-    """Over a size limit (passages, query length, tokens with truncate=false): HTTP 413, not 422."""
 
 
 @dataclass(frozen=True)

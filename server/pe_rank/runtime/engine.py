@@ -24,18 +24,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+from ..core.errors import EngineUnavailable, WindowCancelled
 from ..core.ranker import WindowDecoder, WindowJob, WindowOutcome
 from .steps import TorchStepper, WindowState
 
 log = logging.getLogger("pe_rank.engine")
 
 
-class WindowCancelled(Exception):
-    """The window's caller went away; it was dropped before finishing."""
-
-
-class EngineClosed(RuntimeError):
-    pass
+class EngineClosed(EngineUnavailable):
+    """The engine was closed (its model is unloading): the window may be retried on another Triton."""
 
 
 Reply = Callable[[WindowOutcome | BaseException], None]

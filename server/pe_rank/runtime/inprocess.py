@@ -1,58 +1,40 @@
-"""The in-process PyTorch backend: encoder, projector and the decode engine in this process."""
+"""Ranking in this process: the encoder, projector and decode engine of a loaded checkpoint.
+
+The one in-process path of the CLI (``pe-rank rerank --model``), ``pe-rank eval --model`` and
+``pe-rank bench``: :class:`InProcessRanker` validates a request once and ranks it, PE-Rank's
+modes through the shared :class:`~pe_rank.core.reranker.Reranker`, mode ``text`` through the
+text-listwise baseline.
+"""
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from .model import PeRankModel, load_model
-from ..core.ranker import MatrixSource, WindowSource
-from ..core.reranker import Reranker
+from ..core.embeddings import WindowEmbeddings
+from ..core.reranker import Reranker, ranked
+from ..core.types import ENCODER_MAX_TOKENS, Mode, RankOptions, RerankRequest, RerankResult, Timings
+from ..core.validation import validate_request
 from .engine import DecodeEngine, EngineBackend
+from .model import PeRankModel, load_model
 from .steps import TorchStepper
-from ..core.types import Passage
+from .text_listwise import rank_text_listwise
 
 
-class PerWindowSource:
-    """Encodes each window's passages together, exactly as the reference implementation did.
+class TorchEncoder:
+    """:class:`~pe_rank.core.embeddings.Encoder` on the model in this process."""
 
-    The reference pads a window's texts to the window's longest; padding changes float bits
-    and so can flip near-ties. Encoding per window reproduces its rankings bit for bit, at the
-    cost of encoding passages that sit in two windows twice.
-    """
-
-    def __init__(self, model: PeRankModel, passages: Sequence[Passage]) -> None:
+    def __init__(self, model: PeRankModel) -> None:
         self.model = model
-        self.passages = passages
 
-    async def window(self, indices: list[int]) -> np.ndarray:
-        return self.model.project(_encoder_vectors(self.model, [self.passages[i] for i in indices]))
+    async def embed(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        encoded = self.model.encode(texts)
+        return self.model.project(encoded), encoded
 
-
-def _encoder_vectors(model: PeRankModel, passages: Sequence[Passage]) -> np.ndarray:
-    """Encoder embeddings [n, E]: the caller's where given, else encoded from text."""
-    vectors = np.zeros((len(passages), model.embedding_size), dtype=np.float32)
-    to_encode = [i for i, p in enumerate(passages) if p.embedding is None]
-    if to_encode:
-        vectors[to_encode] = model.encode([passages[i].text for i in to_encode])
-    for i, p in enumerate(passages):
-        if p.embedding is not None:
-            vectors[i] = np.asarray(p.embedding, dtype=np.float32)
-    return vectors
-
-
-class InProcessEmbedder:
-    """``per_window=True`` is bit-faithful to the reference; False encodes each passage once."""
-
-    def __init__(self, model: PeRankModel, per_window: bool = True) -> None:
-        self.model = model
-        self.per_window = per_window
-
-    async def prepare(self, passages: Sequence[Passage]) -> WindowSource:
-        if self.per_window:
-            return PerWindowSource(self.model, passages)
-        return MatrixSource(self.model.project(_encoder_vectors(self.model, passages)))
+    async def project(self, vectors: np.ndarray) -> np.ndarray:
+        return self.model.project(vectors)
 
 
 def stepper_for(model: PeRankModel) -> TorchStepper:
@@ -66,12 +48,56 @@ def engine_for(model: PeRankModel) -> DecodeEngine:
     return model.engine
 
 
-def in_process_reranker(model: PeRankModel, per_window: bool = True) -> Reranker:
-    return Reranker(InProcessEmbedder(model, per_window), EngineBackend(engine_for(model)), model.prompts)
+def in_process_reranker(model: PeRankModel, embedding_mode: str = "exact") -> Reranker:
+    """``exact`` is bit-faithful to the reference; ``cached`` encodes each passage once."""
+    return Reranker(WindowEmbeddings(TorchEncoder(model), embedding_mode), EngineBackend(engine_for(model)),
+                    model.prompts)
 
 
-def load_in_process(
-    folder: Path | str, dtype: str = "float32", device: str = "cpu", per_window: bool = True
-) -> tuple[PeRankModel, Reranker]:
+class InProcessRanker:
+    """A loaded checkpoint that ranks validated requests (every mode, the baseline's ``text`` too)."""
+
+    def __init__(self, model: PeRankModel, embedding_mode: str = "exact") -> None:
+        self.model = model
+        self.reranker = in_process_reranker(model, embedding_mode)
+
+    def validate(self, request: RerankRequest) -> None:
+        validate_request(request, self.model.embedding_size, token_counts=self.model.passage_token_counts,
+                         max_tokens=ENCODER_MAX_TOKENS, allow_text=True, prompts=self.model.prompts)
+
+    def rank_sync(self, request: RerankRequest) -> RerankResult:
+        """Validate, then rank on a new event loop (a refused request never starts one)."""
+        self.validate(request)
+        return asyncio.run(self.rank(request, validated=True))
+
+    async def rank(self, request: RerankRequest, validated: bool = False) -> RerankResult:
+        """Validate (unless done), then rank; ``timings.total_ms`` is the whole call."""
+        t0 = time.perf_counter()
+        if not validated:
+            self.validate(request)
+        if request.mode is Mode.TEXT:
+            result = await self._rank_text(request)
+        else:
+            result = await self.reranker.rerank(request)
+        result.timings.total_ms = (time.perf_counter() - t0) * 1e3
+        return result
+
+    async def _rank_text(self, request: RerankRequest) -> RerankResult:
+        """The text-listwise baseline: same result type, decode_steps = generated tokens."""
+        timings = Timings()
+        t0 = time.perf_counter()
+        options = RankOptions(request.window_size, request.stride, request.mode, request.top_n or None)
+        order, stats = await rank_text_listwise(self.model, request.query, [p.text for p in request.passages],
+                                                options, timings)
+        timings.rank_ms = (time.perf_counter() - t0) * 1e3
+        return RerankResult(ranking=ranked(request, order), stats=stats, timings=timings)
+
+
+def load_in_process(folder: Path | str, dtype: str = "float32", device: str = "cpu",
+                    embedding_mode: str = "exact") -> tuple[PeRankModel, Reranker]:
     model = load_model(folder, dtype=dtype, device=device)
-    return model, in_process_reranker(model, per_window)
+    return model, in_process_reranker(model, embedding_mode)
+
+
+def load_ranker(folder: Path | str, dtype: str = "float32", device: str = "cpu") -> InProcessRanker:
+    return InProcessRanker(load_model(folder, dtype=dtype, device=device))

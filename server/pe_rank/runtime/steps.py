@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core.errors import InvalidRequest
 from .head_cache import HeadCache
 from .kv_cache import WindowCaches, reserved_cache
 from ..core.prompt import PromptBuilder
@@ -50,15 +51,15 @@ class TorchStepper:
         ids = torch.tensor(ids_array, device=self.device)
         embeds = torch.as_tensor(np.asarray(passage_embeds, dtype=np.float32), device=self.device).to(self.dtype)
         if ids.ndim != 1 or embeds.ndim != 2 or embeds.shape[1] != self.llm.config.hidden_size:
-            raise ValueError(
-                f"expected prompt ids [T] and passage embeddings [n, {self.llm.config.hidden_size}], "
+            raise InvalidRequest(
+                "PASSAGE_EMBEDS", f"expected prompt ids [T] and passage embeddings [n, {self.llm.config.hidden_size}], "
                 f"got {list(ids.shape)} and {list(embeds.shape)}"
             )
         positions = torch.nonzero(ids == self.placeholder_id).flatten()
         if len(positions) != embeds.shape[0]:
-            raise ValueError(f"prompt has {len(positions)} placeholders for {embeds.shape[0]} passages")
+            raise InvalidRequest("PROMPT_IDS", f"prompt has {len(positions)} placeholders for {embeds.shape[0]} passages")
         if int(ids.min()) < 0 or int(ids.max()) >= self.llm.config.vocab_size:
-            raise ValueError(f"prompt ids must lie in [0, {self.llm.config.vocab_size})")
+            raise InvalidRequest("PROMPT_IDS", f"prompt ids must lie in [0, {self.llm.config.vocab_size})")
         inputs = self.llm.get_input_embeddings()(ids).clone()
         inputs[positions] = embeds
         # room for the prompt and every passage the window can still feed: steps never reallocate

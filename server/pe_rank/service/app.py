@@ -16,24 +16,22 @@ from typing import Callable
 import grpc
 
 from ..core.checkpoint import read_checkpoint_info
-from ..core.types import ENCODER_MAX_TOKENS
+from ..core.embeddings import EmbeddingCache, WindowEmbeddings
 from ..core.prompt import PromptBuilder
+from ..core.proto import request_from_proto, response_to_proto
+from ..core.ranker import window_bounds
 from ..core.reranker import Reranker
 from ..core.tokenization import EncoderTokenizer, load_prompt_tokenizer
-from ..core.types import RerankRequest, RerankResult, Timings
-from ..core.ranker import window_bounds
-from ..core.validation import InvalidRequest, Limits, validate_request
-from .triton_client import TritonWindowBackend
+from ..core.types import ENCODER_MAX_TOKENS, RerankRequest, RerankResult, Timings
+from ..core.validation import Limits, validate_request
 from ..v1 import ranker_pb2 as pb
 from ..v1 import ranker_pb2_grpc as pb_grpc
-from .cache import EmbeddingCache
-from ..core.proto import request_from_proto, response_to_proto
-from .embedder import TritonEmbedder
 from .admission import Admission, AdmissionLimits
-from .errors import (Cancelled, DeadlineExceeded, Internal, ServiceError, from_exception, grpc_abort, grpc_deadline,
-                     metric_label)
+from .errors import (Bug, Cancelled, DeadlineExceeded, ModelServerGone, ServiceError, from_exception, grpc_abort,
+                     grpc_deadline, metric_label)
 from .metrics import Metrics
-from .pool import REQUIRED_MODELS, TritonPool, triton_status
+from .pool import REQUIRED_MODELS, TritonPool
+from .triton_client import TritonEncoder, TritonWindowBackend
 
 log = logging.getLogger("pe_rank.service")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Ranker"].full_name
@@ -178,12 +176,11 @@ class RankingService:
             raise
         except Exception as exc:
             error, detail = from_exception(exc)
-            code = triton_status(exc)
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+            if isinstance(error, ModelServerGone):
                 self.pool.mark_down(detail)
             if error.field:
                 error.field = field_name(error.field)
-            if isinstance(error, Internal) and code is None:  # a bug: never crash the server, log it whole
+            if isinstance(error, Bug):  # never crash the server, log it whole
                 log.exception("request %s failed", request_id)
         finally:
             self._record(error, request_id, api, started, detail)
@@ -222,12 +219,10 @@ class RankingService:
         """
         timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
         client = self.pool.acquire()
-        embedder = TritonEmbedder(client, self.cache, self.config.embedding_mode, batch=self.repo.max_batch or 64)
+        embedder = WindowEmbeddings(TritonEncoder(client), self.config.embedding_mode, self.cache,
+                                    batch=self.repo.max_batch or 64)
         reranker = Reranker(embedder, TritonWindowBackend(client, deadline), self.repo.prompts)
-        try:
-            return await asyncio.wait_for(reranker.rerank(req, timings), timeout)
-        except ValueError as exc:  # e.g. a query holding the placeholder token's text
-            raise InvalidRequest("query", str(exc)) from None
+        return await asyncio.wait_for(reranker.rerank(req, timings), timeout)
 
 
 _DEADLINE_SLACK_S = 0.05  # gRPC's deadline timer may fire a little before our clock says so

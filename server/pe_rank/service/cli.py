@@ -6,8 +6,9 @@ import argparse
 import asyncio
 from pathlib import Path
 
+from ..core.embeddings import EMBEDDING_MODES
 from .app import ServiceConfig
-from .embedder import EMBEDDING_MODES
+from ..core.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _auth_options(args: argparse.Namespace):
-    from ..cli import UserError
     from .auth import ApiKeys, AuthConfigError, AuthOptions
 
     if args.tls_client_ca and not args.tls_cert:
@@ -75,7 +75,6 @@ def _auth_options(args: argparse.Namespace):
 
 
 def cli_main(argv: list[str]) -> int:
-    from ..cli import UserError
     from .server import serve_until_signalled
 
     args = build_parser().parse_args(argv)

@@ -37,6 +37,7 @@ import time
 import uuid
 from pathlib import Path
 from typing import Callable
+from ..core.errors import UserError
 
 log = logging.getLogger("pe_rank.triton")
 _ERROR_LINE = re.compile(r"^E\d{4} |failed to load|UNAVAILABLE|error:", re.IGNORECASE)
@@ -434,7 +435,5 @@ def cli_main(argv: list[str]) -> int:
             while not stop.is_set() and triton.is_alive():
                 stop.wait(0.5)
     except TritonStartError as exc:
-        from ..cli import UserError
-
         raise UserError(str(exc)) from None
     return 0

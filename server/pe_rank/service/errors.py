@@ -58,8 +58,16 @@ class DeadlineExceeded(ServiceError):
     kind = "deadline"
 
 
+class ModelServerGone(Unavailable):
+    """A Triton went away mid-request (UNAVAILABLE or CANCELLED from it): mark it down, retry later."""
+
+
 class Internal(ServiceError):
     kind = "internal"
+
+
+class Bug(Internal):
+    """A fault in this server's own code: logged whole, reported as INTERNAL, never as the client's fault."""
 
 
 class Cancelled(ServiceError):
@@ -69,6 +77,7 @@ class Cancelled(ServiceError):
 
 
 _GRPC = {
+    ServiceError: grpc.StatusCode.INTERNAL,
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     TooLarge: grpc.StatusCode.INVALID_ARGUMENT,  # as TEI's gRPC router answers validation errors
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -79,6 +88,7 @@ _GRPC = {
 }
 
 _HTTP = {
+    ServiceError: 500,
     InvalidArgument: 422,
     TooLarge: 413,
     Overloaded: 429,
@@ -95,7 +105,7 @@ def from_exception(exc: Exception) -> tuple[ServiceError, str]:
     The one conversion into :class:`ServiceError` (as TEI's router has one from its error type):
     validation errors keep their field; Triton's faults become short, stable messages.
     """
-    from ..core.validation import InvalidRequest, RequestTooLarge
+    from ..core.errors import InvalidRequest, RequestTooLarge
     from .pool import NoTritonAvailable, triton_status
 
     if isinstance(exc, ServiceError):
@@ -110,16 +120,21 @@ def from_exception(exc: Exception) -> tuple[ServiceError, str]:
         return Unavailable("no model server is ready; retry later"), str(exc)
     code = triton_status(exc)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-        return Unavailable("the model server went away; retry later"), f"Triton: {str(exc)[:300]}"
+        return ModelServerGone("the model server went away; retry later"), f"Triton: {str(exc)[:300]}"
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
         return DeadlineExceeded("deadline exceeded while ranking"), ""
     if code is not None:
         return Internal("the model server failed"), f"Triton: {str(exc)[:300]}"
-    return Internal("internal error"), f"{type(exc).__name__}: {exc}"
+    return Bug("internal error"), f"{type(exc).__name__}: {exc}"
+
+
+def _lookup(table: dict, error: ServiceError):
+    """The entry of the error's nearest class in ``table`` (every ServiceError has one)."""
+    return next(table[cls] for cls in type(error).__mro__ if cls in table)
 
 
 def grpc_status(error: ServiceError) -> grpc.StatusCode:
-    return _GRPC[type(error)]
+    return _lookup(_GRPC, error)
 
 
 def http_status(error: ServiceError, request_id: str) -> tuple[int, dict, dict[str, str]]:
@@ -130,7 +145,7 @@ def http_status(error: ServiceError, request_id: str) -> tuple[int, dict, dict[s
     if error.field:
         body["field"] = error.field
     headers = {"Retry-After": str(math.ceil(error.retry_after_s))} if isinstance(error, Overloaded) else {}
-    return _HTTP[type(error)], body, headers
+    return _lookup(_HTTP, error), body, headers
 
 
 def retry_metadata(error: ServiceError) -> tuple[tuple[str, str], ...]:

@@ -34,13 +34,13 @@ class NoTritonAvailable(RuntimeError):
     pass
 
 
+_STATUS = {str(code): code for code in grpc.StatusCode}  # tritonclient keeps str(rpc_error.code())
+
+
 def triton_status(exc: BaseException) -> grpc.StatusCode | None:
-    """The gRPC status a tritonclient error carries, if any."""
-    status = str(getattr(exc, "status", lambda: "")() or "")
-    for code in grpc.StatusCode:
-        if status.endswith(code.name):
-            return code
-    return None
+    """The gRPC status a tritonclient error carries (its ``status()``), if it carries one."""
+    status = exc.status() if callable(getattr(exc, "status", None)) else None
+    return _STATUS.get(status) if isinstance(status, str) else None
 
 
 def balanced_target(urls: list[str]) -> str:

@@ -1,4 +1,4 @@
-"""The Triton backend of the ranking loop: pe_embed / pe_projector for embeddings, pe_llm per window.
+"""The server's calls to Triton: pe_embed / pe_projector for embeddings, pe_llm per window.
 
 A window is one stateless ``pe_llm`` request: nothing is held on the Triton between calls,
 so consecutive windows of a request may go to different servers, and cancelling the call
@@ -76,3 +76,16 @@ async def project(client, vectors: np.ndarray, timeout: float | None = None) -> 
     result = await client.infer(PROJECTOR_MODEL, [_tensor("ENCODER_EMBEDDING", np.ascontiguousarray(vectors, np.float32),
                                                           "FP32")], client_timeout=timeout)
     return result.as_numpy("PROJECTED")
+
+
+class TritonEncoder:
+    """:class:`~pe_rank.core.embeddings.Encoder` through a Triton's pe_embed and pe_projector."""
+
+    def __init__(self, client) -> None:
+        self.client = client
+
+    async def embed(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        return await embed_texts(self.client, texts)
+
+    async def project(self, vectors: np.ndarray) -> np.ndarray:
+        return await project(self.client, vectors)

@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -22,10 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.types import Mode, RankOptions
-from .evaluation import EvalError, Query, Ranked, load_qrels, load_rankllm, rerank_order, score, to_request
+from ..core.types import Mode
+from .results import git_commit, machine_info, machine_line, result_stem
+from .evaluation import Query, Ranked, load_qrels, load_rankllm, rerank_order, score, to_request
 
 IN_PROCESS = {"pe_rank_full": {}, "pe_rank_first": {"mode": Mode.FIRST}, "pe_rank_top10": {"top_n": 10}}
+TEXT = {"mode": Mode.TEXT}  # the text-listwise baseline, the same LLM reading passage texts
 MODE_LABELS = {"pe_rank_full": "full", "pe_rank_first": "first", "pe_rank_top10": "top10", "text_listwise": "text"}
 QUALITY = "nDCG@10"  # the measure the report and its chart show (evaluation.REPORTED names)
 
@@ -38,35 +38,6 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 
 def _queries(data: Path, queries: int) -> list[Query]:
     return [q for q in load_rankllm(data) if q.hits][:queries]
-
-
-def machine_info() -> dict[str, object]:
-    """Where a number was measured; the load average shows whether the machine was shared."""
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    import torch
-
-    return {"platform": platform.platform(), "host": platform.node(), "cpu": cpu, "cores": os.cpu_count(),
-            "load_avg_1m": round(os.getloadavg()[0], 2), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
-def machine_line(machine: dict) -> str:
-    return (f"{machine['cpu']} ({machine['cores']} cores, load {machine.get('load_avg_1m', '?')} at the end), "
-            f"GPU {machine.get('gpu') or 'none'}")
-
-
-def result_stem(out: Path, label: str) -> Path:
-    """``out/DATE-HOST-label``: the name every result file of one run starts with."""
-    out.mkdir(parents=True, exist_ok=True)
-    return out / f"{time.strftime('%Y%m%d-%H%M%S')}-{platform.node() or 'host'}-{label}"
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 async def _timed(coro) -> tuple[float, object]:
@@ -84,18 +55,13 @@ def _record(runs: dict, name: str, ms: float, prompt_tokens: int, steps: int, qu
     entry["rankings"][query.qid] = rerank_order(query, Ranked(order), top_k)
 
 
-async def _in_process(model, reranker, queries: list[Query], top_k: int, runs: dict, text_queries: int) -> None:
-    from ..runtime.text_listwise import rank_text_listwise
-
+async def _in_process(ranker, queries: list[Query], top_k: int, runs: dict, text_queries: int) -> None:
     for i, query in enumerate(queries):
-        for name, change in IN_PROCESS.items():
-            ms, result = await _timed(reranker.rerank(to_request(query, top_k, **change)))
+        names = [*IN_PROCESS, *(["text_listwise"] if i < text_queries else [])]
+        for name in names:
+            ms, result = await _timed(ranker.rank(to_request(query, top_k, **IN_PROCESS.get(name, TEXT))))
             _record(runs, name, ms, result.stats.prompt_tokens, result.stats.decode_steps, query,
                     [r.index for r in result.ranking], top_k)
-        if i < text_queries:
-            ms, (order, stats) = await _timed(rank_text_listwise(
-                model, query.text, [h.content for h in query.hits[:top_k]], RankOptions()))
-            _record(runs, "text_listwise", ms, stats.prompt_tokens, stats.decode_steps, query, order, top_k)
 
 
 class _Service:
@@ -229,13 +195,13 @@ def _quality(qrels: dict[str, dict[str, int]], rankings: dict[str, list[str]]) -
 async def run_bench(checkpoint: Path, data: Path, queries: int, top_k: int, text_queries: int,
                     concurrency: list[int], with_server: bool = True,
                     qrels: dict[str, dict[str, int]] | None = None) -> dict:
-    from ..runtime.inprocess import load_in_process
+    from ..runtime.inprocess import load_ranker
 
-    model, reranker = load_in_process(checkpoint)
+    ranker = load_ranker(checkpoint)
     items = _queries(data, queries)
-    await reranker.rerank(to_request(items[0], top_k))  # warm-up
+    await ranker.rank(to_request(items[0], top_k))  # warm-up
     runs: dict = {}
-    await _in_process(model, reranker, items, top_k, runs, text_queries)
+    await _in_process(ranker, items, top_k, runs, text_queries)
     sweep: dict = {}
     llm_calls_per_query = None
     if with_server:
@@ -386,12 +352,7 @@ def cli_main(argv: list[str]) -> int:
     if args.quick:
         args.queries, args.top_k, args.text_queries, args.concurrency = 5, 20, 2, "1,2,8"
     concurrency = [int(c) for c in args.concurrency.split(",")]
-    try:
-        qrels = load_qrels(args.qrels) if args.qrels else None  # fail before minutes of benchmarking
-    except EvalError as exc:
-        from ..cli import UserError
-
-        raise UserError(str(exc)) from None
+    qrels = load_qrels(args.qrels) if args.qrels else None  # fail before minutes of benchmarking
     result = asyncio.run(run_bench(args.model, args.data, args.queries, args.top_k, args.text_queries,
                                    concurrency, with_server=not args.no_server, qrels=qrels))
     stem = result_stem(args.out, f"top{args.top_k}")

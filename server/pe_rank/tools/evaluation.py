@@ -10,7 +10,6 @@ first-stage order.
 """
 from __future__ import annotations
 
-import asyncio
 import gzip
 import json
 import sys
@@ -19,9 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
-from ..core.types import Mode, Passage, RankOptions, RerankRequest
+from ..core.types import Mode, Passage, RerankRequest
+from ..core.errors import UserError
 
-class EvalError(Exception):
+class EvalError(UserError):
     """A bad input file or option; printed as one ``error:`` line by the CLI."""
 
 
@@ -162,35 +162,16 @@ class InProcessTarget:
     """Ranks in this process (PE-Rank modes through the Reranker, mode text through the baseline)."""
 
     def __init__(self, folder: Path, dtype: str = "float32") -> None:
-        from ..runtime.inprocess import load_in_process
+        from ..runtime.inprocess import load_ranker
 
-        self.model, self.reranker = load_in_process(folder, dtype=dtype)
+        self.ranker = load_ranker(folder, dtype=dtype)
         self.description = str(folder)
 
     def rank(self, request: RerankRequest) -> Ranked:
         from ..core.jsonio import result_to_json
-        from ..core.types import ENCODER_MAX_TOKENS
-        from ..core.validation import validate_request
 
-        validate_request(request, self.model.embedding_size, token_counts=self.model.passage_token_counts,
-                         max_tokens=ENCODER_MAX_TOKENS, allow_text=True)
-        if request.mode is Mode.TEXT:
-            return asyncio.run(self._rank_text(request))
-        result = asyncio.run(self.reranker.rerank(request))
+        result = self.ranker.rank_sync(request)
         return Ranked([r.index for r in result.ranking], result_to_json(result)["metadata"])
-
-    async def _rank_text(self, request: RerankRequest) -> Ranked:
-        from ..runtime.text_listwise import rank_text_listwise
-        from ..core.types import Timings
-
-        timings = Timings()
-        options = RankOptions(request.window_size, request.stride, request.mode, request.top_n or None)
-        order, stats = await rank_text_listwise(self.model, request.query, [p.text for p in request.passages],
-                                                options, timings)
-        keep = order[: request.top_n] if request.top_n else order
-        return Ranked(keep, {"windows": stats.windows, "prompt_tokens": stats.prompt_tokens,
-                             "decode_steps": stats.decode_steps, "encode_ms": 0.0,
-                             "rank_ms": timings.prefill_ms + timings.decode_ms})
 
     def close(self) -> None:
         pass
@@ -202,7 +183,7 @@ class RemoteTarget:
     def __init__(self, server: str, timeout: float | None = None) -> None:
         import grpc
 
-        from ..client import RankerClient
+        from ..client import RankerClient, RankerError
 
         self.client = RankerClient(server)
         self.timeout = timeout
@@ -210,18 +191,19 @@ class RemoteTarget:
             info = self.client.model_info(timeout=30)
         except grpc.RpcError as exc:
             self.client.close()
-            raise EvalError(f"{server}: {exc.code().name}: {exc.details()}") from None
+            raise RankerError(exc, server) from None
         self.description = f"{server} ({info.llm})"
 
     def rank(self, request: RerankRequest) -> Ranked:
         import grpc
 
+        from ..client import RankerError
         from ..core.proto import response_to_json
 
         try:
             response = self.client.rerank(request, timeout=self.timeout)
         except grpc.RpcError as exc:
-            raise EvalError(f"{exc.code().name}: {exc.details()}") from None
+            raise RankerError(exc) from None
         return Ranked([r.index for r in response.ranks], response_to_json(response)["metadata"])
 
     def close(self) -> None:

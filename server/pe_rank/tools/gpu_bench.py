@@ -33,10 +33,14 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from ..core.errors import UserError
+from .recorded_prompts import CONFORMANCE_CHECKPOINTS, DEFAULT_CONFORMANCE
+from .recorded_prompts import FILE as RECORDED
+from .recorded_prompts import load as load_recorded
+from .results import git_commit, machine_info, result_stem
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_DATA = REPO_ROOT / "tests" / "data" / "bm25_dl19.json.gz"
-DEFAULT_CONFORMANCE = REPO_ROOT / "tests" / "data" / "conformance"
-CONFORMANCE_CHECKPOINTS = ("tiny-a", "tiny-b")
 PAPER_TOP100_S = 3.62  # PE-Rank, Mistral-7B, DL19 BM25 top-100, per query (the paper's table)
 PAPER_TOP20_S = 0.5    # "about 0.5 s" for top-20 in the paper
 WINDOW = 20
@@ -192,9 +196,10 @@ def _request(case: dict):
 
 async def _replay_max_diff(model, stepper, request, windows: list[dict], calls: list[list[int]]) -> float:
     """Largest |score - float32 score| when ``model`` decodes along the float32 run's picks."""
-    from ..runtime.inprocess import PerWindowSource
+    from ..core.embeddings import WindowEmbeddings
+    from ..runtime.inprocess import TorchEncoder
 
-    source = PerWindowSource(model, request.passages)
+    source = await WindowEmbeddings(TorchEncoder(model)).prepare(request.passages)
     worst = 0.0
     for record, indices in zip(windows, calls):
         embeds = await source.window(indices)
@@ -210,10 +215,10 @@ async def conformance(folder: Path, device: str, dtype: str, limit: int | None =
 
     ``limit``: only the first cases of each checkpoint (they are ordered by size).
     """
-    from ..runtime.inprocess import InProcessEmbedder, in_process_reranker, stepper_for
+    from ..core.embeddings import WindowEmbeddings
+    from ..runtime.inprocess import TorchEncoder, in_process_reranker, stepper_for
     from ..runtime.model import load_model
     from ..core.reranker import Reranker
-    from .recorded_prompts import FILE as RECORDED, load as load_recorded
 
     missing = [name for name in CONFORMANCE_CHECKPOINTS if not (folder / f"{name}.cases.json").exists()]
     if missing:
@@ -243,7 +248,7 @@ async def conformance(folder: Path, device: str, dtype: str, limit: int | None =
             for case in cases:
                 windows: list[dict] = []
                 calls: list[list[int]] = []
-                reranker = Reranker(_RecordingEmbedder(InProcessEmbedder(model32), calls),
+                reranker = Reranker(_RecordingEmbedder(WindowEmbeddings(TorchEncoder(model32)), calls),
                                     _RecordingBackend(stepper_for(model32), windows),
                                     model32.prompts)
                 request = _request(case)
@@ -373,7 +378,6 @@ def device_name(device) -> str:
 
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    from .benchmark import machine_info
 
     return f"cpu: {machine_info()['cpu']}"
 
@@ -622,8 +626,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def cli_main(argv: list[str]) -> int:
-    from .benchmark import git_commit, result_stem
-    from ..cli import UserError
     from .evaluation import EvalError
     from .synthetic import SyntheticError
 

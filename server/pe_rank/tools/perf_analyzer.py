@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from ..core.errors import UserError
 
 PA_VERSION = "2.60.0"
 PA_WHEEL = f"perf_analyzer-{PA_VERSION}-py3-none-manylinux_2_38_x86_64.whl"
@@ -492,7 +493,6 @@ def cli_main(argv: list[str]) -> int:
     parser.add_argument("--timeout", type=float, default=600, help="seconds per perf_analyzer run")
     parser.add_argument("--install-only", action="store_true", help="install into --cache, print the path, exit")
     args = parser.parse_args(argv)
-    from ..cli import UserError
     from ..service.embedded_triton import TritonServer, TritonStartError
 
     try:

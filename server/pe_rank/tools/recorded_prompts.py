@@ -17,6 +17,8 @@ from ..core.prompt import HEAD_PROBES, PLACEHOLDER, prompt_text
 from ..core.ranker import window_bounds
 
 FILE = "prompt_ids.json"
+DEFAULT_CONFORMANCE = Path(__file__).resolve().parents[3] / "tests" / "data" / "conformance"
+CONFORMANCE_CHECKPOINTS = ("tiny-a", "tiny-b")
 
 
 class RecordedPromptTokenizer:
@@ -76,7 +78,6 @@ def load(folder: Path, name: str) -> RecordedPromptTokenizer | None:
 if __name__ == "__main__":  # python -m pe_rank.tools.recorded_prompts [FOLDER]: (re)write FOLDER/prompt_ids.json
     import sys
 
-    from .gpu_bench import CONFORMANCE_CHECKPOINTS, DEFAULT_CONFORMANCE
 
     target = Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_CONFORMANCE
     (target / FILE).write_text(json.dumps(record_all(target, CONFORMANCE_CHECKPOINTS), separators=(",", ":")) + "\n")

@@ -1,15 +1,16 @@
 """The ranking loop inside Triton: pe_embed and pe_llm called through BLS, one window at a time.
 
-Used by the ``pe_rank`` model. The sliding-window pass is pe_rank.core.ranker's, the same the
-gRPC server and the in-process ranker run; only the two calls below differ.
+Used by the ``pe_rank`` model. The sliding-window pass is pe_rank.core.ranker's and the window
+embeddings pe_rank.core.embeddings', the same the gRPC server and the in-process ranker run; only
+the calls below differ.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
-from ..runtime.engine import WindowCancelled
+from ..core.errors import WindowCancelled
 from ..core.ranker import WindowJob, WindowOutcome, window_arrays
 
 
@@ -25,19 +26,29 @@ async def _call(pb_utils: Any, model: str, inputs: list, outputs: list[str]) -> 
     return response
 
 
-class BlsWindowSource:
-    """Each window's passages embedded together by pe_embed, as the reference encodes them."""
+class BlsEncoder:
+    """:class:`~pe_rank.core.embeddings.Encoder` through pe_embed and pe_projector, called by BLS."""
 
-    def __init__(self, pb_utils: Any, texts: Sequence[str], is_cancelled: Callable[[], bool]) -> None:
-        self.pb_utils, self.texts, self.is_cancelled = pb_utils, texts, is_cancelled
+    def __init__(self, pb_utils: Any, is_cancelled: Callable[[], bool]) -> None:
+        self.pb_utils, self.is_cancelled = pb_utils, is_cancelled
 
-    async def window(self, indices: list[int]) -> np.ndarray:
+    async def embed(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         if self.is_cancelled():  # the caller left: the remaining windows are never sent
             raise WindowCancelled("request cancelled")
-        texts = np.array([self.texts[i].encode("utf-8") for i in indices], dtype=np.object_)
-        response = await _call(self.pb_utils, "pe_embed", [self.pb_utils.Tensor("TEXT", texts)],
+        array = np.array([t.encode("utf-8") for t in texts], dtype=np.object_)
+        response = await _call(self.pb_utils, "pe_embed", [self.pb_utils.Tensor("TEXT", array)],
                                ["PROJECTED", "ENCODER_EMBEDDING"])
-        return self.pb_utils.get_output_tensor_by_name(response, "PROJECTED").as_numpy()
+        return _output(self.pb_utils, response, "PROJECTED"), _output(self.pb_utils, response, "ENCODER_EMBEDDING")
+
+    async def project(self, vectors: np.ndarray) -> np.ndarray:
+        array = np.ascontiguousarray(vectors, dtype=np.float32)
+        response = await _call(self.pb_utils, "pe_projector", [self.pb_utils.Tensor("ENCODER_EMBEDDING", array)],
+                               ["PROJECTED"])
+        return _output(self.pb_utils, response, "PROJECTED")
+
+
+def _output(pb_utils: Any, response: Any, name: str) -> np.ndarray:
+    return pb_utils.get_output_tensor_by_name(response, name).as_numpy()
 
 
 class BlsWindowBackend:

@@ -5,6 +5,8 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
+from ..core.errors import EngineUnavailable, InvalidRequest, WindowCancelled
+
 
 def model_dir(args: dict[str, str]) -> Path:
     """The model's version folder (where export put its artefacts)."""
@@ -34,22 +36,25 @@ def respond_each(pb_utils: Any, requests: list, handle: Callable[[Any], list]) -
 
 
 def triton_error(pb_utils: Any, exc: BaseException):
-    """Our exceptions as Triton errors with a code clients can act on: cancelled, bad input, or internal."""
-    from ..runtime.engine import WindowCancelled
+    """Our exceptions (:mod:`pe_rank.core.errors`) as Triton errors with a code clients can act on.
 
+    Only a caller's bad input is INVALID_ARG; a fault of ours (any other exception) is INTERNAL,
+    never blamed on the caller.
+    """
     if isinstance(exc, WindowCancelled):
         return pb_utils.TritonError(str(exc), pb_utils.TritonError.CANCELLED)
-    if isinstance(exc, ValueError):  # InvalidRequest, bad shapes, a query holding the placeholder text
-        return pb_utils.TritonError(f"{type(exc).__name__}: {exc}" if type(exc) is ValueError else str(exc),
-                                    pb_utils.TritonError.INVALID_ARG)
-    return pb_utils.TritonError(f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, EngineUnavailable):
+        return pb_utils.TritonError(str(exc), pb_utils.TritonError.UNAVAILABLE)
+    if isinstance(exc, InvalidRequest):  # bad shapes, a missing input, a query holding the placeholder text
+        return pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
+    return pb_utils.TritonError(f"internal error: {type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL)
 
 
 def input_array(pb_utils: Any, request: Any, name: str, required: bool = True):
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     if tensor is None:
         if required:
-            raise ValueError(f"input {name} is required")
+            raise InvalidRequest(name, "this input is required")
         return None
     return tensor.as_numpy()
 
