@@ -13,6 +13,7 @@ import threading
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from pe_rank.triton_backend.config_check import check_config, require_response_sender
 from pe_rank.triton_backend.utils import input_array, model_dir, triton_error
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -20,6 +21,8 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 class TritonPythonModel:
     def initialize(self, args):
+        require_response_sender(pb_utils, args["model_name"])
+        check_config(args, "pe_rank")
         from pe_rank.core.checkpoint import read_checkpoint_info
         from pe_rank.core.prompt import PromptBuilder
         from pe_rank.core.tokenization import load_prompt_tokenizer
