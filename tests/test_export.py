@@ -8,14 +8,15 @@ from pathlib import Path
 import pytest
 
 from conftest import CONFORMANCE
-from pe_rank_export.configs import all_configs
+from pe_rank_export.configs import all_configs, read_config, to_text
 
 REPO = Path(__file__).resolve().parents[1] / "model_repository"
 
 
 def test_tracked_configs_are_what_export_writes_for_the_default_target():
-    for name, text in all_configs("torch", gpu=False).items():
-        assert (REPO / name / "config.pbtxt").read_text() == text, f"{name}: run `pe-rank export` and commit"
+    for name, config in all_configs("torch", gpu=False).items():
+        assert (REPO / name / "config.pbtxt").read_text() == to_text(config), f"{name}: run `pe-rank export` and commit"
+        assert read_config(REPO / name / "config.pbtxt") == config  # and it reads back as the same message
 
 
 def run_export(*args: str) -> subprocess.CompletedProcess:
@@ -46,6 +47,15 @@ def test_tensorrt_without_gpu_is_a_one_line_error(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: target tensorrt needs")
     assert "Traceback" not in proc.stderr
+
+
+def test_tensorrt_on_cpu_instances_is_refused_before_anything_is_written(tmp_path):
+    """Triton's TensorRT backend refuses KIND_CPU, so `--target tensorrt --cpu` never writes a repository."""
+    proc = run_export("--repository", str(tmp_path / "r"), "--target", "tensorrt", "--cpu")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("error: target tensorrt needs GPU instances: Triton's TensorRT backend refuses "
+                                   "KIND_CPU (drop --cpu, or use --target onnxruntime for CPU instances)")
+    assert not (tmp_path / "r").exists()
 
 
 def test_export_of_a_non_checkpoint_is_a_one_line_error(tmp_path):

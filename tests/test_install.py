@@ -121,10 +121,10 @@ def _run_child(site: Path, model: Path, names: list[str]) -> subprocess.Complete
 
 def test_the_triton_site_has_no_server_extras(site):
     present = {p.name for p in site.iterdir()}
-    for extra_module in ("grpc", "tritonclient", "fastapi", "uvicorn", "onnxruntime", "peft", "matplotlib",
+    for extra_module in ("grpc", "tritonclient", "fastapi", "uvicorn", "peft", "matplotlib",
                          "prometheus_client", "cohere", "pytriton", "gguf", "accelerate"):
         assert extra_module not in present, extra_module
-    for core_module in ("torch", "transformers", "numpy", "jinja2", "tokenizers", "safetensors"):
+    for core_module in ("torch", "transformers", "numpy", "jinja2", "tokenizers", "safetensors", "onnxruntime"):
         assert core_module in present, core_module
     # the isolation is real: the child cannot import a server-only module
     probe = _run_child(site, MODELS[0], ["pe_rank.service.app"])
@@ -150,8 +150,8 @@ def test_the_core_install_is_torch_free():
 # module `pe-rank serve` runs; then torch, transformers and safetensors must still be unloaded.
 _SERVER_CHILD = r"""
 import json, sys
-site, source, repository = json.loads(sys.argv[1])
-sys.path[:0] = [site, source]
+site, source, repository, exporter = json.loads(sys.argv[1])
+sys.path[:0] = [site, source, exporter]
 import pe_rank.service.server, pe_rank.service.cli, pe_rank.service.http_api, pe_rank.service.tei
 from pe_rank.service.app import RepositoryView, ServiceConfig, RankingService
 from pe_rank.core.types import Passage, RerankRequest
@@ -175,7 +175,7 @@ def test_the_server_install_runs_the_server_edge_without_torch(server_site, expo
     for needed in ("grpc", "tritonclient", "fastapi", "tokenizers", "sentencepiece"):
         assert needed in present, needed
     repository = exported("tiny-a")
-    args = [str(server_site), str(ROOT / "server"), str(repository)]
+    args = [str(server_site), str(ROOT / "server"), str(repository), str(ROOT / "export")]
     proc = subprocess.run([sys.executable, "-I", "-S", "-c", _SERVER_CHILD, json.dumps(args)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

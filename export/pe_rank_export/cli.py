@@ -25,7 +25,7 @@ def cli_main(argv: list[str]) -> int:
                              "off: each window steps alone, so rankings under load are bit-identical to the same "
                              "request alone (batched float noise can flip near-ties)")
     args = parser.parse_args(argv)
-    from pe_rank.cli import UserError
+    from pe_rank.core.errors import UserError
 
     try:
         export_repository(args.model, args.repository,

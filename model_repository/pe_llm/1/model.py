@@ -18,6 +18,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from pe_rank.core.errors import InvalidRequest
+from pe_rank.triton_backend.config_check import check_config, integer, one_of, require_response_sender
 from pe_rank.triton_backend.utils import device_of, input_array, model_dir, parameters, triton_error
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -25,6 +26,9 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 class TritonPythonModel:
     def initialize(self, args):
+        require_response_sender(pb_utils, args["model_name"])
+        check_config(args, "pe_llm", parameters={"head_cache": integer(0), "max_live_windows": integer(1),
+                                                 "step_batching": one_of("on", "off", default="on")})
         import torch
 
         from pe_rank.core.checkpoint import read_checkpoint_info

@@ -9,11 +9,14 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from pe_rank.core.errors import InvalidRequest
+from pe_rank.triton_backend.config_check import check_config, one_of
 from pe_rank.triton_backend.utils import device_of, input_array, model_dir, onnx_session, parameters, respond_each
 
 
 class TritonPythonModel:
     def initialize(self, args):
+        check_config(args, "pe_projector", batching=True,
+                     parameters={"runtime": one_of("torch", "onnxruntime", default="onnxruntime")})
         folder = model_dir(args)
         self.runtime = parameters(args).get("runtime", "onnxruntime")
         meta = json.loads((folder / "projector.json").read_text())

@@ -15,6 +15,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from pe_rank.core.errors import EngineUnavailable
+from pe_rank.triton_backend.config_check import check_config, require_response_sender
 from pe_rank.triton_backend.utils import input_array, model_dir, triton_error
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -27,6 +28,8 @@ def _error(exc):
 
 class TritonPythonModel:
     def initialize(self, args):
+        require_response_sender(pb_utils, args["model_name"])
+        check_config(args, "pe_rank")
         from pe_rank.core.checkpoint import read_checkpoint_info
         from pe_rank.core.prompt import PromptBuilder
         from pe_rank.core.tokenization import load_prompt_tokenizer

@@ -3,11 +3,13 @@ import triton_python_backend_utils as pb_utils
 
 from pe_rank.runtime.model import encoder_inputs
 from pe_rank.core.errors import InvalidRequest
+from pe_rank.triton_backend.config_check import check_config
 from pe_rank.triton_backend.utils import input_array, model_dir, respond_each
 
 
 class TritonPythonModel:
     def initialize(self, args):
+        check_config(args, "pe_tokenizer")
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir(args) / "tokenizer"))

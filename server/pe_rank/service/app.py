@@ -5,7 +5,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 import grpc
+from pe_rank_export.configs import max_batch_size
 
 from ..core.checkpoint import read_checkpoint_info
 from ..core.embeddings import EmbeddingCache, WindowEmbeddings
@@ -81,7 +81,8 @@ class RepositoryView:
         self.prompts = PromptBuilder(load_prompt_tokenizer(checkpoint))
         self.encoder_tokenizer = EncoderTokenizer(tokenizer)
         self.encoder_config = json.loads((self.info.encoder_dir / "config.json").read_text())
-        self.max_batch = _max_batch_size(repository / "pe_encoder" / "config.pbtxt")
+        # a window is one pe_embed request, so windows may not exceed the encoder's max batch
+        self.max_batch = max_batch_size(repository / "pe_encoder" / "config.pbtxt")
 
     def token_counts(self, texts: list[str]) -> list[int]:
         """Encoder tokens per text, capped at one past the limit: all validation needs to know.
@@ -112,12 +113,6 @@ def _prefix(text: str) -> str:
         return text
     cut = text.rfind(" ", 0, _PREFIX_CHARS)
     return text[:cut] if cut > 0 else text
-
-
-def _max_batch_size(config_pbtxt: Path) -> int:
-    """A window is one pe_embed request, so windows may not exceed the encoder's max batch."""
-    match = re.search(r"^max_batch_size:\s*(\d+)", config_pbtxt.read_text(), re.MULTILINE)
-    return int(match.group(1)) if match else 0
 
 
 class RankingService:

@@ -201,6 +201,11 @@ class TritonServer:
         extra = list(self.extra_args)
         if not any("shm-region-prefix-name" in a for a in extra):
             extra.append(f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}")
+        if not any("shm-default-byte-size" in a for a in extra):  # sized from the repository's window shape
+            from pe_rank_export.shm import backend_config_args, plan_for_repository
+
+            shm = plan_for_repository(self.repository)
+            extra += backend_config_args(shm) if shm is not None else []
         cmd, env = _command_and_env(self.repository, self.grpc_port, self.http_port, self.metrics_port, extra)
         log.info("starting Triton: %s", " ".join(cmd))
         self.lines.clear()

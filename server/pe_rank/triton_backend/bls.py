@@ -18,9 +18,25 @@ class BlsError(RuntimeError):
     """A model called through BLS answered with an error."""
 
 
+def request(pb_utils: Any, model: str, inputs: list, outputs: list[str]) -> Any:
+    """A BLS request whose outputs come back in CPU memory.
+
+    On a GPU, pe_embed's outputs come from pe_projector on ONNX Runtime (KIND_GPU) or TensorRT,
+    which leave them in GPU memory, and a BLS request with the default ``preferred_memory`` takes
+    them there: ``as_numpy()`` then raises "Tensor is stored in GPU and cannot be converted to
+    NumPy" (python_backend pb_tensor.cc). Asking for CPU makes the BLS response allocator put them
+    in CPU shared memory (python_backend request_executor.cc ``ResponseAlloc``). CPU, not DLPack on
+    the device: the consumer of these arrays is pe_llm, whose inputs the Python backend moves to
+    the CPU anyway (FORCE_CPU_ONLY_INPUT_TENSORS, which its config check keeps on), and the
+    ranker's bookkeeping reads them on the host.
+    """
+    return pb_utils.InferenceRequest(
+        model_name=model, inputs=inputs, requested_output_names=outputs,
+        preferred_memory=pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0))
+
+
 async def _call(pb_utils: Any, model: str, inputs: list, outputs: list[str]) -> Any:
-    request = pb_utils.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=outputs)
-    response = await request.async_exec()
+    response = await request(pb_utils, model, inputs, outputs).async_exec()
     if response.has_error():
         raise BlsError(f"{model}: {response.error().message()}")
     return response
