@@ -45,7 +45,7 @@ test: install
 demo-model: $(DEMO)/config.json
 
 # The default demo merges the shipped trained projector and LoRA adapter: rebuild when they change.
-$(DEMO)/config.json: $(wildcard server/pe_rank/models/demo_trained/*.safetensors server/pe_rank/models/demo_trained/adapter/*) | $(STAMP)
+$(DEMO)/config.json: $(wildcard server/pe_rank/models/demo_trained/*.safetensors server/pe_rank/models/demo_trained/*.json server/pe_rank/models/demo_trained/adapter/*) | $(STAMP)
 	$(BIN)/pe-rank make-model demo --out $(DEMO)
 
 # The demo checkpoint exported into model_repository/ (torch target: reference-exact numerics).

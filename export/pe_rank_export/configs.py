@@ -66,7 +66,8 @@ LLM_IO = ([spec("PROMPT_IDS", "TYPE_INT64", [-1]), spec("PASSAGE_EMBEDS", "TYPE_
            spec("DECODE_MS", "TYPE_FP32", [1])])
 RANK_IO = ([spec("QUERY", "TYPE_STRING", [1]), spec("PASSAGES", "TYPE_STRING", [-1]),
             spec("WINDOW_SIZE", "TYPE_INT32", [1], optional=True), spec("STRIDE", "TYPE_INT32", [1], optional=True),
-            spec("TOP_N", "TYPE_INT32", [1], optional=True), spec("MODE", "TYPE_STRING", [1], optional=True)],
+            spec("TOP_N", "TYPE_INT32", [1], optional=True), spec("MODE", "TYPE_STRING", [1], optional=True),
+            spec("PRERANK", "TYPE_BOOL", [1], optional=True), spec("DEPTH", "TYPE_INT32", [1], optional=True)],
            [spec("ORDER", "TYPE_INT64", [-1])])
 
 # what each config's header says about its parameters (text_format writes no comments)

@@ -121,6 +121,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-n", type=int, default=None, help="only the top N need to be exact (partial decoding)")
     p.add_argument("--window-size", type=int, default=20)
     p.add_argument("--stride", type=int, default=10)
+    p.add_argument("--prerank", choices=["on", "off"], default=None,
+                   help="order the candidates by the encoder's cosine first (default: the model's, its ranking.json)")
+    p.add_argument("--depth", type=int, default=None,
+                   help="PE-Rank reorders only the top DEPTH (0: all; default: the model's)")
     p.add_argument("--max-queries", type=int, default=None, help="evaluate only the first N queries")
     p.add_argument("--binary-rel", type=int, default=2,
                    help="least relevance that RR and R count as relevant (default 2, the TREC DL passage convention; nDCG uses the graded labels)")
@@ -140,7 +144,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     options = EvalOptions(top_k=args.top_k, mode=Mode(args.mode), top_n=args.top_n or None,
                           window_size=args.window_size, stride=args.stride, max_queries=args.max_queries,
-                          binary_rel=args.binary_rel, tag=args.tag)
+                          binary_rel=args.binary_rel, tag=args.tag,
+                          prerank=None if args.prerank is None else args.prerank == "on", depth=args.depth)
     check_options(options, remote=args.server is not None)
     if args.threads is not None:
         if args.threads < 1:

@@ -1,7 +1,9 @@
 """pe_rank: a whole PE-Rank request as one Triton call (for Triton-only deployments and perf_analyzer).
 
-Inputs QUERY (1 text), PASSAGES (n texts), optional WINDOW_SIZE, STRIDE, TOP_N (INT32) and MODE
-(full or first); output ORDER (INT64, input indices best first; the top TOP_N when it is > 0).
+Inputs QUERY (1 text), PASSAGES (n texts), optional WINDOW_SIZE, STRIDE, TOP_N (INT32), MODE
+(full or first), PRERANK (BOOL: order by the encoder's cosine first) and DEPTH (INT32: PE-Rank
+reorders only the top DEPTH; 0 all); PRERANK and DEPTH default to the model's (ranking.json);
+output ORDER (INT64, input indices best first; the top TOP_N when it is > 0).
 The ranking is pe_rank.core.reranker's, as in the server; each window is one pe_embed and one pe_llm
 call through BLS. execute() only hands requests to an asyncio loop of this model and returns,
 so concurrent requests run side by side (their windows meet in pe_llm's batched steps), and
@@ -75,11 +77,12 @@ class TritonPythonModel:
 
     async def _rank(self, request, is_cancelled):
         from pe_rank.core.embeddings import WindowEmbeddings
+        from pe_rank.core.prerank import with_defaults
         from pe_rank.core.reranker import Reranker
         from pe_rank.core.validation import validate_request
         from pe_rank.triton_backend.bls import BlsEncoder, BlsWindowBackend
 
-        req = _request(request)
+        req = with_defaults(_request(request), self.info.defaults)
         validate_request(req, self.info.embedding_size, prompts=self.prompts)
         reranker = Reranker(WindowEmbeddings(BlsEncoder(pb_utils, is_cancelled)), BlsWindowBackend(pb_utils),
                             self.prompts)
@@ -123,5 +126,8 @@ def _request(request):
         raise InvalidRequest("MODE", f"must be full or first, got {mode!r}")
     passages = tuple(Passage(id=str(i), text=t) for i, t in enumerate(_texts(request, "PASSAGES")))
     top_n = _int(request, "TOP_N", 0)
+    prerank = input_array(pb_utils, request, "PRERANK", required=False)
     return RerankRequest(query=query[0], passages=passages, window_size=_int(request, "WINDOW_SIZE", 20),
-                         stride=_int(request, "STRIDE", 10), mode=Mode(mode), top_n=None if top_n == 0 else top_n)
+                         stride=_int(request, "STRIDE", 10), mode=Mode(mode), top_n=None if top_n == 0 else top_n,
+                         prerank=None if prerank is None else bool(prerank.reshape(-1)[0]),
+                         depth=_int(request, "DEPTH", None))

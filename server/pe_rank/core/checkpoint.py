@@ -27,6 +27,22 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be used as it is; the message says which file and key."""
 
 
+DEFAULTS_FILE = "ranking.json"
+
+
+@dataclass(frozen=True)
+class RankingDefaults:
+    """What a request that does not say gets, for this model (``ranking.json`` beside config.json).
+
+    A cascade: ``prerank`` orders the candidates by the encoder's query-passage cosine, then PE-Rank
+    reorders only the top ``depth`` (0: every passage). Without the file: the paper's setting,
+    no pre-rank, every passage.
+    """
+
+    prerank: bool = False
+    depth: int = 0
+
+
 @dataclass(frozen=True)
 class CheckpointInfo:
     folder: Path
@@ -37,6 +53,7 @@ class CheckpointInfo:
     projector_type: str
     embedding_size: int
     hidden_size: int
+    defaults: RankingDefaults = RankingDefaults()
 
 
 def read_checkpoint_info(folder: Path | str) -> CheckpointInfo:
@@ -82,7 +99,25 @@ def read_checkpoint_info(folder: Path | str) -> CheckpointInfo:
         projector_type=projector_type,
         embedding_size=int(config["embedding_size"]),
         hidden_size=int(config["hidden_size"]),
+        defaults=read_ranking_defaults(folder),
     )
+
+
+def read_ranking_defaults(folder: Path) -> RankingDefaults:
+    """The checkpoint's ``ranking.json``; a key or value it does not know is a one-line error."""
+    path = folder / DEFAULTS_FILE
+    if not path.exists():
+        return RankingDefaults()
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: invalid JSON ({exc})") from None
+    if not isinstance(raw, dict) or set(raw) - {"prerank", "depth"}:
+        raise CheckpointError(f"{path}: expected an object with only 'prerank' (true/false) and 'depth' (>= 0)")
+    prerank, depth = raw.get("prerank", False), raw.get("depth", 0)
+    if not isinstance(prerank, bool) or not isinstance(depth, int) or isinstance(depth, bool) or depth < 0:
+        raise CheckpointError(f"{path}: 'prerank' must be true or false and 'depth' an integer >= 0")
+    return RankingDefaults(prerank=prerank, depth=depth)
 
 
 def _check_projector_type(config_path: Path, projector_type: str, config: dict) -> None:

@@ -135,6 +135,20 @@ class WindowEmbeddings:
             return ExactWindows(self.encoder, passages, self.cache)
         return await self._rows(passages)
 
+    async def vectors(self, passages: Sequence[Passage]) -> np.ndarray:
+        """Encoder embeddings [n, E] of every passage (the caller's where given), in batches: the pre-rank's."""
+        parts = []
+        for chunk in _chunks(list(range(len(passages))), self.batch):
+            texts = [passages[i].text for i in chunk if passages[i].embedding is None]
+            encoded = iter((await self.encoder.embed(texts))[1] if texts else [])
+            parts.append(np.stack([next(encoded) if passages[i].embedding is None
+                                   else np.asarray(passages[i].embedding, dtype=np.float32) for i in chunk]))
+        return np.concatenate(parts)
+
+    async def query_vector(self, query: str) -> np.ndarray:
+        """The query's encoder embedding [E], encoded as a passage is."""
+        return (await self.encoder.embed([query]))[1][0]
+
     async def _rows(self, passages: Sequence[Passage]) -> RowWindows:
         rows: list[np.ndarray | None] = [None] * len(passages)
         missing = []

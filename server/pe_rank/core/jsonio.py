@@ -56,6 +56,8 @@ def parse_request(obj: Any) -> RerankRequest:
         top_n=None if top_n == 0 else top_n,  # 0 and null both mean "the whole permutation"
         truncate=_typed(obj, "truncate", bool, True),
         return_text=_typed(obj, "return_text", bool, False),
+        prerank=_typed(obj, "prerank", bool, None),  # null or absent: the model's default
+        depth=_typed(obj, "depth", int, None),
     )
 
 
@@ -75,6 +77,8 @@ def result_to_json(result: RerankResult) -> dict[str, Any]:
             "cached_prompt_tokens": result.stats.cached_prompt_tokens,
             "decode_steps": result.stats.decode_steps,
             "cache_hits": result.cache_hits,
+            "prerank": result.prerank,
+            "depth": result.depth,
             "encode_ms": round(t.encode_ms, 3),
             "rank_ms": round(t.rank_ms, 3),
             "prefill_ms": round(t.prefill_ms, 3),

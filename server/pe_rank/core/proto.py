@@ -29,6 +29,8 @@ def request_from_proto(msg: pb.RerankRequest) -> RerankRequest:
         top_n=None if top_n == 0 else top_n,
         truncate=msg.truncate if msg.HasField("truncate") else True,
         return_text=msg.return_text,
+        prerank=msg.prerank if msg.HasField("prerank") else None,
+        depth=msg.depth if msg.HasField("depth") else None,
     )
 
 
@@ -43,6 +45,10 @@ def request_to_proto(request: RerankRequest) -> pb.RerankRequest:
     )
     if request.top_n is not None:
         msg.top_n = request.top_n
+    if request.prerank is not None:
+        msg.prerank = request.prerank
+    if request.depth is not None:
+        msg.depth = request.depth
     for p in request.passages:
         item = msg.passages.add(id=p.id, text=p.text)
         if p.embedding is not None:
@@ -56,6 +62,7 @@ def response_to_proto(result: RerankResult, request_id: str) -> pb.RerankRespons
         windows=result.stats.windows, prompt_tokens=result.stats.prompt_tokens,
         cached_prompt_tokens=result.stats.cached_prompt_tokens,
         decode_steps=result.stats.decode_steps, cache_hits=result.cache_hits, request_id=request_id,
+        prerank=result.prerank, depth=result.depth,
         timings=pb.StageTimings(queue_ms=t.queue_ms, encode_ms=t.encode_ms, prefill_ms=t.prefill_ms,
                                 decode_ms=t.decode_ms, total_ms=t.total_ms),
     ))
@@ -80,7 +87,7 @@ def response_to_json(response: pb.RerankResponse) -> dict:
         "metadata": {
             "windows": m.windows, "prompt_tokens": m.prompt_tokens,
             "cached_prompt_tokens": m.cached_prompt_tokens, "decode_steps": m.decode_steps,
-            "cache_hits": m.cache_hits, "encode_ms": round(t.encode_ms, 3),
+            "cache_hits": m.cache_hits, "prerank": m.prerank, "depth": m.depth, "encode_ms": round(t.encode_ms, 3),
             "rank_ms": round(t.prefill_ms + t.decode_ms, 3), "prefill_ms": round(t.prefill_ms, 3),
             "decode_ms": round(t.decode_ms, 3), "queue_ms": round(t.queue_ms, 3),
             "total_ms": round(t.total_ms, 3), "request_id": m.request_id,

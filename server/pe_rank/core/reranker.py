@@ -1,18 +1,25 @@
-"""Request in, ranking out: embeddings first (query-independent), then the decoding loop."""
+"""Request in, ranking out: the pre-rank (if asked), embeddings (query-independent), then the decoding loop."""
 from __future__ import annotations
 
 import time
 from typing import Protocol, Sequence
 
+import numpy as np
+
+from .prerank import cosine_order, reranked_count
 from .prompt import PromptBuilder
 from .ranker import WindowBackend, WindowSource, rank_passages
 from .types import Passage, RankedPassage, RankOptions, RerankRequest, RerankResult, Timings
 
 
 class Embedder(Protocol):
-    """Where a request's projected passage embeddings come from (a source may count cache hits)."""
+    """Where a request's embeddings come from (a window source may count cache hits)."""
 
     async def prepare(self, passages: Sequence[Passage]) -> WindowSource: ...
+
+    async def vectors(self, passages: Sequence[Passage]) -> np.ndarray: ...
+
+    async def query_vector(self, query: str) -> np.ndarray: ...
 
 
 class Reranker:
@@ -22,17 +29,28 @@ class Reranker:
         self.prompts = prompts
 
     async def rerank(self, request: RerankRequest, timings: Timings | None = None) -> RerankResult:
-        """Rank a request that has already been validated."""
+        """Rank a request that has already been validated (its defaults applied).
+
+        With ``prerank`` the candidates are first ordered by the encoder's cosine; PE-Rank then
+        reorders the top ``depth`` of that order (0: all) and the rest keep it.
+        """
         timings = timings if timings is not None else Timings()
         t0 = time.perf_counter()
-        source = await self.embedder.prepare(request.passages)
+        order = await self._prerank(request) if request.prerank else list(range(len(request.passages)))
+        head = order[: reranked_count(len(order), request.depth)]
+        source = await self.embedder.prepare([request.passages[i] for i in head])
         timings.encode_ms += (time.perf_counter() - t0) * 1e3
         options = RankOptions(request.window_size, request.stride, request.mode, request.top_n or None)
-        n = len(request.passages)
-        order, stats = await rank_passages(self.backend, self.prompts, request.query, n, source, options, timings)
+        local, stats = await rank_passages(self.backend, self.prompts, request.query, len(head), source, options,
+                                           timings)
         timings.rank_ms += (time.perf_counter() - t0) * 1e3 - timings.encode_ms
-        return RerankResult(ranking=ranked(request, order), stats=stats, timings=timings,
-                            cache_hits=getattr(source, "cache_hits", 0))
+        return RerankResult(ranking=ranked(request, [head[i] for i in local] + order[len(head):]), stats=stats,
+                            timings=timings, cache_hits=getattr(source, "cache_hits", 0),
+                            prerank=bool(request.prerank), depth=len(head))
+
+    async def _prerank(self, request: RerankRequest) -> list[int]:
+        vectors = await self.embedder.vectors(request.passages)
+        return cosine_order(await self.embedder.query_vector(request.query), vectors)
 
 
 def ranked(request: RerankRequest, order: list[int]) -> list[RankedPassage]:

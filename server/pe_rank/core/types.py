@@ -33,6 +33,8 @@ class RerankRequest:
     top_n: int | None = None  # None: the whole permutation
     truncate: bool = True
     return_text: bool = False
+    prerank: bool | None = None  # order by the encoder's query-passage cosine first; None: the model's default
+    depth: int | None = None     # PE-Rank reorders only the top `depth` (0: every passage); None: the model's default
 
 
 @dataclass(frozen=True)
@@ -75,3 +77,5 @@ class RerankResult:
     stats: RankStats
     timings: Timings = field(default_factory=Timings)
     cache_hits: int = 0
+    prerank: bool = False  # the candidates were ordered by the encoder cosine first
+    depth: int = 0         # passages PE-Rank reordered (the rest kept the pre-rank's order)

@@ -64,6 +64,8 @@ def validate_request(
         raise InvalidRequest("stride", f"must be in [1, window_size), got {request.stride}")
     if request.top_n is not None and request.top_n < 0:
         raise InvalidRequest("top_n", f"must not be negative, got {request.top_n}")
+    if request.depth is not None and request.depth < 0:
+        raise InvalidRequest("depth", f"must not be negative (0: rerank every passage), got {request.depth}")
     seen: dict[str, int] = {}
     for i, passage in enumerate(request.passages):
         if passage.id in seen:

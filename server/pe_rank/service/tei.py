@@ -39,13 +39,18 @@ def tei_field(name: str) -> str:
 
 
 def tei_request(query: str, texts: list[str], truncate: bool, return_text: bool,
-                left_truncation: bool) -> RerankRequest:
-    """TEI's rerank fields as a PE-Rank request (shared by the gRPC and HTTP TEI APIs)."""
+                left_truncation: bool, prerank: bool | None = None, depth: int | None = None) -> RerankRequest:
+    """TEI's rerank fields (and pe-rank's prerank/depth) as a PE-Rank request (the gRPC and HTTP TEI APIs)."""
     if left_truncation:
         raise InvalidArgument("only right truncation is supported (the encoder keeps a text's start)",
                               field="truncation_direction")
     return RerankRequest(query=query, passages=tuple(Passage(id=str(i), text=t) for i, t in enumerate(texts)),
-                         truncate=truncate, return_text=return_text)
+                         truncate=truncate, return_text=return_text, prerank=prerank, depth=depth)
+
+
+def _optional(message, name: str):
+    """A proto3 optional field's value, None when unset."""
+    return getattr(message, name) if message.HasField(name) else None
 
 
 def model_id(ranking: RankingService) -> str:
@@ -77,7 +82,8 @@ class TeiRerank(tei_grpc.RerankServicer):
         try:
             result = await self.ranking.rank(lambda: tei_request(
                 request.query, list(request.texts), request.truncate, request.return_text,
-                request.truncation_direction == tei.TRUNCATION_DIRECTION_LEFT),
+                request.truncation_direction == tei.TRUNCATION_DIRECTION_LEFT,
+                _optional(request, "prerank"), _optional(request, "depth")),
                 grpc_deadline(context), request_id, API, tei_field)
         except ServiceError as exc:
             await grpc_abort(context, exc, request_id)
@@ -98,7 +104,8 @@ class TeiRerank(tei_grpc.RerankServicer):
                         raise InvalidArgument(f"message {i} has another query than message 0; "
                                               "a stream is ranked as one list", field="query")
                 return tei_request(first.query, [m.text for m in messages], first.truncate, first.return_text,
-                                   first.truncation_direction == tei.TRUNCATION_DIRECTION_LEFT)
+                                   first.truncation_direction == tei.TRUNCATION_DIRECTION_LEFT,
+                                   _optional(first, "prerank"), _optional(first, "depth"))
 
             result = await self.ranking.rank(convert, grpc_deadline(context), request_id, API, tei_field)
         except ServiceError as exc:

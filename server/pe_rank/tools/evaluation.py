@@ -223,6 +223,8 @@ class EvalOptions:
     max_queries: int | None = None
     binary_rel: int = 2
     tag: str | None = None
+    prerank: bool | None = None  # None: the model's default
+    depth: int | None = None     # None: the model's default; 0: every passage
 
 
 @dataclass
@@ -286,12 +288,12 @@ def evaluate(target: Target, queries: Sequence[Query], qrels: dict[str, dict[str
     reranked: dict[str, list[str]] = {}
     first: dict[str, list[str]] = {}
     latencies: list[float] = []
-    costs = {"windows": 0.0, "prompt_tokens": 0.0, "decode_steps": 0.0}
+    costs = {"windows": 0.0, "prompt_tokens": 0.0, "decode_steps": 0.0, "prerank": 0.0, "depth": 0.0}
     bar = tqdm(queries, desc=f"rerank {options.mode.value}", unit="query", file=sys.stderr, disable=not progress)
     for query in bar:
         hits = query.hits[: options.top_k]
         request = to_request(query, options.top_k, window_size=options.window_size, stride=options.stride,
-                             mode=options.mode, top_n=options.top_n)
+                             mode=options.mode, top_n=options.top_n, prerank=options.prerank, depth=options.depth)
         t0 = time.perf_counter()
         try:
             ranked = target.rank(request)
@@ -371,6 +373,8 @@ def check_options(options: EvalOptions, remote: bool) -> None:
         raise EvalError(f"--max-queries must be at least 1, got {options.max_queries}")
     if options.binary_rel < 1:
         raise EvalError(f"--binary-rel must be at least 1, got {options.binary_rel}")
+    if options.depth is not None and options.depth < 0:
+        raise EvalError(f"--depth must not be negative (0: every passage), got {options.depth}")
     if remote and options.mode is Mode.TEXT:
         raise EvalError("mode text is only available in-process (use --model)")
 

@@ -45,7 +45,8 @@ INTERFACES: dict[str, tuple[tuple[Tensor, ...], tuple[Tensor, ...]]] = {
                 _t("PREFILL_MS", "TYPE_FP32", 1), _t("DECODE_MS", "TYPE_FP32", 1))),
     "pe_rank": ((_t("QUERY", "TYPE_STRING", 1), _t("PASSAGES", "TYPE_STRING", 1),
                  _t("WINDOW_SIZE", "TYPE_INT32", 1, optional=True), _t("STRIDE", "TYPE_INT32", 1, optional=True),
-                 _t("TOP_N", "TYPE_INT32", 1, optional=True), _t("MODE", "TYPE_STRING", 1, optional=True)),
+                 _t("TOP_N", "TYPE_INT32", 1, optional=True), _t("MODE", "TYPE_STRING", 1, optional=True),
+                 _t("PRERANK", "TYPE_BOOL", 1, optional=True), _t("DEPTH", "TYPE_INT32", 1, optional=True)),
                 (_t("ORDER", "TYPE_INT64", 1),)),
 }
 
