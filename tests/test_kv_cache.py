@@ -1,4 +1,4 @@
-"""Reserved KV caches and per-window batched steps: the same numbers as transformers' own cache."""
+"""Reserved KV caches (a window on a cache of its own): the same numbers as transformers' own cache."""
 from __future__ import annotations
 
 import numpy as np
@@ -63,59 +63,28 @@ def test_reserved_layer_holds_what_was_written_and_grows():
     torch.testing.assert_close(keys, torch.cat([k, k2, k4], dim=2), rtol=0, atol=0)
 
 
-def test_batched_steps_of_changing_batches_equal_steps_alone(model):
-    """Windows of different lengths join and leave batches: each batched step still equals the
-    same window stepped alone (a key written into the wrong window's cache would change it)."""
-    stepper = stepper_for(model)
-    windows = [_window(model, n, seed) for seed, n in enumerate((12, 3, 7, 10, 5))]
-    picks = [0, 1, 2]
-    alone = [_decode(stepper, ids, embeds, picks) for ids, embeds in windows]
-    states = [stepper.start(ids, embeds)[0] for ids, embeds in windows]
-    taken = [0] * len(windows)
-    for members in ([0, 1, 2, 3, 4], [1, 4], [0, 2, 3], [4, 3, 2, 1, 0]):
-        rows = stepper.step_many([states[m] for m in members], [picks[taken[m]] for m in members])
-        for m, row in zip(members, rows):
-            taken[m] += 1
-            np.testing.assert_allclose(row, alone[m][taken[m]], rtol=0, atol=1e-5, err_msg=f"window {m}, step {taken[m]}")
-    assert taken == [3, 3, 3, 3, 3]
+def test_windows_that_would_reach_the_sliding_window_run_on_their_own_cache(tiny_dir):
+    """The pool's step has no sliding-window mask, so a window that would reach Mistral's sliding window
+    is decoded on a cache of its own by transformers' forward, with its mask: exactly as alone."""
+    import asyncio
 
+    from conftest import decode_alone
+    from pe_rank.core.ranker import WindowJob
+    from pe_rank.runtime.engine import DecodeEngine, EngineBackend, EngineLimits
 
-def test_failed_batched_step_is_rolled_back(model, monkeypatch):
-    """A forward that fails after some layers wrote their keys leaves every window as it was:
-    same cache lengths, and the next batched step gives what stepping alone gives."""
-    stepper = stepper_for(model)
-    windows = [_window(model, n, seed) for seed, n in enumerate((6, 9, 4))]
-    alone = [_decode(stepper, ids, embeds, [1, 2]) for ids, embeds in windows]
-    states = [stepper.start(ids, embeds)[0] for ids, embeds in windows]
-    lengths = [s.length for s in states]
-
-    layers = model.llm.layers
-    assert len(layers) >= 2, "the failure must come after a layer has written its keys"
-    def fail(*args, **kwargs):
-        raise RuntimeError("injected failure")
-    monkeypatch.setattr(layers[len(layers) - 1].mlp, "forward", fail)
-    with pytest.raises(RuntimeError, match="injected"):
-        stepper.step_many(states, [1, 1, 1])
-    monkeypatch.undo()
-
-    assert [s.length for s in states] == lengths
-    for state in states:
-        assert {layer.get_seq_length() for layer in state.cache.layers} == {state.length}
-    for step, pick in enumerate([1, 2]):
-        rows = stepper.step_many(states, [pick] * len(states))
-        for w, row in enumerate(rows):
-            np.testing.assert_allclose(row, alone[w][step + 1], rtol=0, atol=1e-5, err_msg=f"window {w}")
-
-
-def test_windows_past_the_sliding_window_step_alone(tiny_dir):
-    """Per-window attention has no sliding-window mask, so a batch reaching Mistral's sliding
-    window must step one by one: then it equals stepping alone exactly."""
     model = load_model(tiny_dir)
     model.llm.config.sliding_window = 16  # shorter than every prompt here
     stepper = stepper_for(model)
-    windows = [_window(model, n, seed) for seed, n in enumerate((6, 9))]
-    alone = [_decode(stepper, ids, embeds, [1]) for ids, embeds in windows]
-    states = [stepper.start(ids, embeds)[0] for ids, embeds in windows]
-    assert min(s.length for s in states) > 16
-    for row, want in zip(stepper.step_many(states, [1, 1]), alone):
-        np.testing.assert_array_equal(row, want[1])
+    jobs = [WindowJob(*_window(model, n, seed)) for seed, n in enumerate((6, 9))]
+    engine = DecodeEngine(stepper, limits=EngineLimits(max_live=2, max_tokens=4096, max_passages=16))
+    assert not engine.pool.fits(len(jobs[0].prompt_ids), 6)
+
+    async def go():
+        backend = EngineBackend(engine)
+        return await asyncio.gather(*(backend.rank_window(j) for j in jobs))
+
+    try:
+        outcomes = asyncio.run(go())
+    finally:
+        engine.close()
+    assert [(o.order, o.decode_steps) for o in outcomes] == [decode_alone(stepper, j) for j in jobs]

@@ -263,41 +263,6 @@ def greedy_margins(stepper, prompt_ids: np.ndarray, embeds: np.ndarray) -> tuple
     return choices, margin
 
 
-@pytest.mark.parametrize("name", CHECKPOINTS)
-def test_step_many_equals_step_for_windows_of_different_lengths(name, conformance_models, prompt_builders, dl19):
-    """TorchStepper.step_many on windows of 4..20 passages (prompts of different lengths) vs step alone.
-
-    Scores agree to BATCH_TOLERANCE (float noise of the batched GEMMs, not bit-identical), argmax
-    choices agree wherever the alone margin exceeds that noise, and a batch of one is bit-exact.
-    """
-    model, _ = conformance_models[name]
-    stepper = stepper_for(model)
-    windows = [window_inputs_of(model, prompt_builders[name], dl19, q, n) for q, n in WIDE_MARGIN_WINDOWS[:5]]
-    choices = [[len(embeds) - 1, 0, len(embeds) // 2] for _, embeds in windows]
-    alone = []
-    for (ids, embeds), picks in zip(windows, choices):
-        state, first = stepper.start(ids, embeds)
-        alone.append([first] + [stepper.step(state, pick) for pick in picks])
-
-    states = [stepper.start(ids, embeds)[0] for ids, embeds in windows]
-    assert len({s.length for s in states}) == len(states), "the windows must differ in prompt length"
-    for k in range(3):
-        batched = stepper.step_many(states, [picks[k] for picks in choices])
-        for w, (got, want) in enumerate(zip(batched, (a[k + 1] for a in alone))):
-            assert got.shape == want.shape
-            np.testing.assert_allclose(got, want, rtol=0, atol=BATCH_TOLERANCE, err_msg=f"window {w}, step {k}")
-            top2 = np.sort(want)[-2:]
-            if top2[1] - top2[0] > BATCH_TOLERANCE:
-                assert int(np.argmax(got)) == int(np.argmax(want)), f"window {w}, step {k}"
-    assert [s.length for s in states] == [len(ids) + 3 for ids, _ in windows]
-
-    state, _ = stepper.start(*windows[0])
-    np.testing.assert_array_equal(stepper.step_many([state], [choices[0][0]])[0], alone[0][1])
-    with pytest.raises(ValueError, match="out of range"):
-        stepper.step_many([states[0], states[1]], [0, 99])
-    assert [s.length for s in states] == [len(ids) + 3 for ids, _ in windows]  # nothing ran
-
-
 def test_concurrent_windows_rank_as_if_alone_and_share_forward_passes(tritons, conformance_models,
                                                                      prompt_builders, dl19):
     """Requests ranked at once give the rankings they give alone; pe_llm's step batches (its own metrics)

@@ -25,7 +25,11 @@ MODELS = ("pe_tokenizer", "pe_encoder", "pe_projector", "pe_embed", "pe_llm", "p
 MAX_BATCH = 128  # >= the service's largest window (100): a window is one pe_embed request
 LLM_HEAD_CACHE = 16
 # windows decoded at once by pe_llm's engine (its batch slots); more wait for a free slot
-LLM_MAX_LIVE_WINDOWS = 64
+LLM_MAX_LIVE_WINDOWS = 64  # on a GPU; on the CPU the pool of keys/values would be GBs for no gain
+LLM_MAX_LIVE_WINDOWS_CPU = 16
+LLM_MAX_WINDOW_TOKENS = 1024  # a slot: a window's prompt plus its passages (longer windows run on their own cache)
+LLM_MAX_WINDOW_PASSAGES = 100
+LLM_PREFILL_BUDGET = 512  # prompt tokens prefilled per engine turn
 DYNAMIC_BATCH_DELAY_US = 200
 
 HEADER = "# Written by `pe-rank export` (export/pe_rank_export/configs.py): change the exporter, not this file.\n"
@@ -75,7 +79,13 @@ NOTES = {
     "pe_llm": (
         "# head_cache: prompt heads (the query-independent start of a window's prompt, one per window size)\n"
         "#   whose keys/values are kept across windows and requests; 0 prefills every prompt whole.\n"
-        "# max_live_windows: windows the engine decodes at once (its batch slots); later ones wait.\n"
+        "# max_live_windows: windows the engine decodes at once (the slots of its static KV pool); later ones wait.\n"
+        "# max_window_tokens, max_window_passages: a slot's size (prompt plus passages); a longer window runs on a\n"
+        "#   cache of its own, stepped alone. The pool is allocated at load: slots x tokens x the model's KV size.\n"
+        "# prefill_budget: prompt tokens prefilled per engine turn (chunked prefill), so new windows delay live\n"
+        "#   ones by one budget a step; a prompt longer than it is prefilled in chunks of exactly this size.\n"
+        "# cuda_graphs: on a GPU, capture the batched decode step per batch bucket at load (not yet measured).\n"
+        "# torch_threads: PyTorch CPU threads of this model's process (0: PyTorch's default, every core).\n"
         "# step_batching on: the decode steps of all live windows run in one forward (throughput); off: each\n"
         "#   window steps alone, so a ranking under load is bit-identical to the same request alone (batched\n"
         "#   float noise, ~1e-6, can flip a near-tie between two passages).\n"
@@ -155,7 +165,7 @@ def embed_config() -> mc.ModelConfig:
     return config
 
 
-def llm_config(gpu: bool, head_cache: int = LLM_HEAD_CACHE, max_live: int = LLM_MAX_LIVE_WINDOWS,
+def llm_config(gpu: bool, head_cache: int = LLM_HEAD_CACHE, max_live: int | None = None,
                step_batching: bool = True) -> mc.ModelConfig:
     """One whole window per request, no batch dimension, no scheduler batching: the model's own
     engine batches the decode steps of every live window (pe_rank.runtime.engine), so Triton only
@@ -164,9 +174,13 @@ def llm_config(gpu: bool, head_cache: int = LLM_HEAD_CACHE, max_live: int = LLM_
     ``step_batching`` off: every window steps alone, bit-identical to a lone request.
     """
     config = _config("pe_llm", *LLM_IO, backend="python", gpu=gpu)
-    config.parameters["head_cache"].string_value = str(head_cache)
-    config.parameters["max_live_windows"].string_value = str(max_live)
-    config.parameters["step_batching"].string_value = "on" if step_batching else "off"
+    params = {"head_cache": head_cache,
+              "max_live_windows": max_live or (LLM_MAX_LIVE_WINDOWS if gpu else LLM_MAX_LIVE_WINDOWS_CPU),
+              "max_window_tokens": LLM_MAX_WINDOW_TOKENS, "max_window_passages": LLM_MAX_WINDOW_PASSAGES,
+              "prefill_budget": LLM_PREFILL_BUDGET, "step_batching": "on" if step_batching else "off",
+              "cuda_graphs": "off", "torch_threads": 0}
+    for key, value in params.items():
+        config.parameters[key].string_value = str(value)
     return config
 
 

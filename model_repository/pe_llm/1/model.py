@@ -27,13 +27,15 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 class TritonPythonModel:
     def initialize(self, args):
         require_response_sender(pb_utils, args["model_name"])
-        check_config(args, "pe_llm", parameters={"head_cache": integer(0), "max_live_windows": integer(1),
-                                                 "step_batching": one_of("on", "off", default="on")})
+        check_config(args, "pe_llm", parameters={
+            "head_cache": integer(0), "max_live_windows": integer(1), "max_window_tokens": integer(1),
+            "max_window_passages": integer(1), "prefill_budget": integer(1), "torch_threads": integer(0),
+            "step_batching": one_of("on", "off", default="on"), "cuda_graphs": one_of("on", "off", default="off")})
         import torch
 
         from pe_rank.core.checkpoint import read_checkpoint_info
         from pe_rank.runtime.weights import WeightFiles
-        from pe_rank.runtime.engine import DecodeEngine
+        from pe_rank.runtime.engine import DecodeEngine, EngineLimits, warm_up
         from pe_rank.runtime.model import load_llm, torch_dtype
         from pe_rank.core.prompt import PromptBuilder
         from pe_rank.runtime.steps import TorchStepper
@@ -45,25 +47,45 @@ class TritonPythonModel:
         info = read_checkpoint_info(folder / "checkpoint")
         dtype = torch_dtype(meta["dtype"])
         device = torch.device(device_of(args))
+        params = parameters(args)
+        if int(params.get("torch_threads", 0)) > 0:  # one process per model: don't oversubscribe the cores
+            torch.set_num_threads(int(params["torch_threads"]))
         llm = load_llm(info, WeightFiles(info.folder), dtype).to(device)
         prompts = PromptBuilder(load_prompt_tokenizer(info.folder))
-        params = parameters(args)
         stepper = TorchStepper(llm, prompts, dtype, device, head_cache=int(params.get("head_cache", 16)))
         self.metrics = TritonEngineMetrics(pb_utils, args["model_name"])
-        self.engine = DecodeEngine(stepper, max_live=int(params.get("max_live_windows", 64)), observer=self.metrics,
-                                   batch_steps=params.get("step_batching", "on") != "off")
+        limits = EngineLimits(max_live=int(params.get("max_live_windows", 16)),
+                              max_tokens=int(params.get("max_window_tokens", 1024)),
+                              max_passages=int(params.get("max_window_passages", 100)),
+                              prefill_budget=int(params.get("prefill_budget", 512)))
+        self.engine = DecodeEngine(stepper, observer=self.metrics, limits=limits,
+                                   batch_steps=params.get("step_batching", "on") != "off",
+                                   graphs=params.get("cuda_graphs", "off") == "on")
+        self.metrics.on_warm_up(warm_up(self.engine, prompts))  # before Triton reports the model ready
+        self.model_name = args["model_name"]
 
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
             try:
                 job = self._job(request)
-            except Exception as exc:  # this request's error only
+                self.engine.submit(job, lambda result, sender=sender: sender.send(_response(result), flags=FINAL),
+                                   sender.is_cancelled)
+            except Exception as exc:  # this request's error only (a dead engine: UNAVAILABLE, retried elsewhere)
                 sender.send(_error(exc), flags=FINAL)
-                continue
-            self.engine.submit(job, lambda result, sender=sender: sender.send(_response(result), flags=FINAL),
-                               sender.is_cancelled)
-        return None  # every response goes through its sender, from the engine thread
+        if not self.engine.healthy:
+            self._unload()
+        return None  # every response goes through its sender, from the engine's reply thread
+
+    def _unload(self):
+        """A dead engine: ask Triton to unload the model (explicit model control only), as vLLM's backend does."""
+        if getattr(self, "_unloading", False):
+            return
+        self._unloading = True
+        try:
+            pb_utils.unload_model(self.model_name)
+        except Exception as exc:  # model control mode none: the model stays loaded and answers UNAVAILABLE
+            pb_utils.Logger.log_warn(f"pe_llm: the decode engine failed and the model cannot unload itself ({exc})")
 
     @staticmethod
     def _job(request):

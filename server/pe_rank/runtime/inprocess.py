@@ -18,10 +18,14 @@ from ..core.prerank import with_defaults
 from ..core.reranker import Reranker, ranked
 from ..core.types import ENCODER_MAX_TOKENS, Mode, RankOptions, RerankRequest, RerankResult, Timings
 from ..core.validation import validate_request
-from .engine import DecodeEngine, EngineBackend
+from .engine import DecodeEngine, EngineBackend, EngineLimits
 from .model import PeRankModel, load_model
 from .steps import TorchStepper
 from .text_listwise import rank_text_listwise
+
+
+# one process ranks a few requests at once: 8 slots (the demo's pool: ~380 MB of float32 keys/values)
+IN_PROCESS_LIMITS = EngineLimits(max_live=8)
 
 
 class TorchEncoder:
@@ -45,7 +49,7 @@ def stepper_for(model: PeRankModel) -> TorchStepper:
 def engine_for(model: PeRankModel) -> DecodeEngine:
     """One engine per model: concurrent in-process requests share its batched decode steps."""
     if model.engine is None:
-        model.engine = DecodeEngine(stepper_for(model))
+        model.engine = DecodeEngine(stepper_for(model), limits=IN_PROCESS_LIMITS)
     return model.engine
 
 

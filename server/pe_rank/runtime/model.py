@@ -12,7 +12,6 @@ from ..core.checkpoint import ENCODER_PREFIX, PROJECTOR_PREFIX, CheckpointError,
 from ..core.prompt import PromptBuilder
 from ..core.tokenization import PromptTokenizer, load_prompt_tokenizer
 from ..core.types import ENCODER_MAX_TOKENS
-from .kv_cache import register_attention
 from .weights import WeightFiles, build_projector, load_into
 
 ENCODER_BATCH = 16  # the released code encodes in batches of 16
@@ -34,7 +33,7 @@ def build_llm(info: CheckpointInfo, dtype: torch.dtype) -> nn.Module:
 
     cls = MistralModel if info.llm_type == "mistral" else LlamaModel
     config = llm_config(info)
-    config._attn_implementation = register_attention()  # SDPA, plus per-window attention for step_many
+    config._attn_implementation = "sdpa"
     return cls(config).to(dtype)
 
 

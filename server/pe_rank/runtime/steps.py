@@ -1,13 +1,14 @@
 """The LLM side of dynamic-constrained decoding: prefill a window, feed chosen passages.
 
-``TorchStepper`` is the single implementation of "prefill a window" and "feed the chosen
-passage(s)"; the decode engine (:mod:`~pe_rank.runtime.engine`) drives it, in-process and
-inside Triton's ``pe_llm``.
+``TorchStepper`` holds the model and the prompt-head cache, and is the reference path: a window
+on a cache of its own, one token at a time through transformers' forward. The decode engine
+(:mod:`~pe_rank.runtime.engine`) runs windows on a static KV pool instead
+(:mod:`~pe_rank.runtime.pool`), whose lone-window step is bit-identical to :meth:`TorchStepper.step`;
+windows too long for the pool use this path.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 
 from ..core.errors import InvalidRequest
 from .head_cache import HeadCache
-from .kv_cache import WindowCaches, reserved_cache
+from .kv_cache import reserved_cache
 from ..core.prompt import PromptBuilder
 
 
@@ -45,10 +46,11 @@ class TorchStepper:
         self.device = device
         self.heads = HeadCache(llm, prompts, head_cache)
 
-    @torch.inference_mode()
-    def start(self, prompt_ids: np.ndarray, passage_embeds: np.ndarray) -> tuple[WindowState, np.ndarray]:
-        ids_array = np.asarray(prompt_ids, dtype=np.int64)
-        ids = torch.tensor(ids_array, device=self.device)
+    def window_inputs(self, prompt_ids: np.ndarray, passage_embeds: np.ndarray
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids [T], passage embeddings [n, H] in the model's dtype, prompt input embeddings [T, H]) of a
+        window, the i-th placeholder's row replaced by passage i; a malformed window is the caller's error."""
+        ids = torch.tensor(np.asarray(prompt_ids, dtype=np.int64), device=self.device)
         embeds = torch.as_tensor(np.asarray(passage_embeds, dtype=np.float32), device=self.device).to(self.dtype)
         if ids.ndim != 1 or embeds.ndim != 2 or embeds.shape[1] != self.llm.config.hidden_size:
             raise InvalidRequest(
@@ -62,9 +64,15 @@ class TorchStepper:
             raise InvalidRequest("PROMPT_IDS", f"prompt ids must lie in [0, {self.llm.config.vocab_size})")
         inputs = self.llm.get_input_embeddings()(ids).clone()
         inputs[positions] = embeds
+        return ids, embeds, inputs
+
+    @torch.inference_mode()
+    def start(self, prompt_ids: np.ndarray, passage_embeds: np.ndarray) -> tuple[WindowState, np.ndarray]:
+        """Prefill a window into a cache of its own: the reference path (and windows too long for the pool)."""
+        ids, embeds, inputs = self.window_inputs(prompt_ids, passage_embeds)
         # room for the prompt and every passage the window can still feed: steps never reallocate
         cache = reserved_cache(self.llm.config.num_hidden_layers, len(ids) + len(embeds))
-        head, from_cache = self.heads.fill(cache, ids_array, inputs, len(embeds))
+        head, from_cache = self.heads.fill(cache, np.asarray(prompt_ids, dtype=np.int64), inputs, len(embeds))
         hidden = self.llm(inputs_embeds=inputs[None, head:], cache=cache, use_cache=True).last_hidden_state
         state = WindowState(cache=cache, embeds=embeds, length=int(ids.shape[0]),
                             cached_tokens=head if from_cache else 0)
@@ -78,57 +86,13 @@ class TorchStepper:
 
     @torch.inference_mode()
     def step(self, state: WindowState, index: int) -> np.ndarray:
+        """Feed passage ``index`` to a window on its own cache: one token through transformers' forward."""
         self.check_index(state, index)
         hidden = self.llm(
             inputs_embeds=state.embeds[index][None, None], cache=state.cache, use_cache=True
         ).last_hidden_state
         state.length += 1
         return self._scores(hidden, state.embeds)
-
-    @torch.inference_mode()
-    def step_many(self, states: Sequence[WindowState], indices: Sequence[int]) -> list[np.ndarray]:
-        """``step`` for several windows in ONE forward pass, so the weights are read once per batch.
-
-        A decode step is memory-bandwidth bound (one token through every weight), so the steps
-        of concurrent windows cost little more together than one alone. The windows' caches
-        differ in length and stay where they are: the linear layers run on the batch, each
-        window's new key/value is written into its own reserved cache, and attention runs per
-        window over that cache (:class:`~pe_rank.runtime.kv_cache.WindowCaches`,
-        :func:`~pe_rank.runtime.kv_cache.window_attention`); each window's position id is its own
-        length, so RoPE is what ``step`` gives. Nothing is padded or copied.
-
-        One window goes through ``step`` itself, bit-identical, and so do windows that reach the
-        model's sliding window (Mistral), which per-window attention does not apply. Batched
-        scores differ from ``step``'s only by float noise of the batched matrix products, ~1e-6.
-        Bad arguments raise before anything runs, and a failed forward is rolled back, leaving
-        every state unchanged, so a caller may retry the windows one by one.
-        """
-        if len(states) != len(indices):
-            raise ValueError(f"{len(states)} states for {len(indices)} indices")
-        if len({id(state) for state in states}) != len(states):
-            raise ValueError("a window may take only one step per batch")
-        for state, index in zip(states, indices):
-            self.check_index(state, index)
-        lengths = [state.length for state in states]
-        sliding = getattr(self.llm.config, "sliding_window", None)
-        if len(states) <= 1 or (sliding is not None and max(lengths) >= sliding):
-            # per-window attention has no sliding-window mask: windows that reach it step alone
-            return [self.step(state, index) for state, index in zip(states, indices)]
-
-        caches = WindowCaches([state.cache for state in states], lengths)
-        inputs = torch.stack([state.embeds[index] for state, index in zip(states, indices)])[:, None]
-        positions = torch.tensor(lengths, dtype=torch.long, device=self.device)[:, None]
-        try:
-            hidden = self.llm(
-                inputs_embeds=inputs, attention_mask=caches.ignored_mask(len(states), self.device),
-                position_ids=positions, cache=caches, use_cache=True,
-            ).last_hidden_state
-        except BaseException:
-            caches.rollback()
-            raise
-        for state in states:
-            state.length += 1
-        return [self._scores(hidden[b : b + 1], state.embeds) for b, state in enumerate(states)]
 
     @staticmethod
     def _scores(hidden: torch.Tensor, embeds: torch.Tensor) -> np.ndarray:

@@ -8,7 +8,8 @@ measures, printing progress per phase:
 * whole queries at top-20 and top-100 in the modes full, top-10 partial and first, through the
   in-process reranker (encoder, projector, prompt-head cache, sliding windows): total, encode,
   prefill, decode, decode steps;
-* decode steps: one ``step`` at batch 1 and ``step_many`` at batch 1..32, next to the
+* decode steps: the reference ``step`` at batch 1 and the engine's pool step at batch 1..64 (ms and ATen
+  operator calls per step), next to the
   weight-read floor of the device (bytes of weights per step / memory bandwidth);
 * fidelity on the device: the conformance cases ranked in float32 (TF32 off), and in the bench
   dtype how many still agree and the largest score difference along the float32 decoding path;
@@ -334,31 +335,62 @@ def _windows(model, queries, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 def measure_steps(model, stepper, clock: Clock, queries, batches: list[int], warmup: int,
-                  repeats: int) -> dict[str, Any]:
-    """ms per ``step`` (batch 1) and per ``step_many`` at each batch size, fresh windows each time.
+                  repeats: int, graphs: bool = False) -> dict[str, Any]:
+    """ms and ATen operator calls per decode step on the engine's KV pool at each batch size.
 
-    A 20-passage window takes at most 18 steps, so ``warmup + repeats`` <= 18 keeps every window
-    within its real decode length (the cache stays as reserved).
+    ``step_ms`` is the reference step (one window on its own cache); ``step_ms_by_batch`` the pool's
+    one batched step (its lone-window path at batch 1), fresh 20-passage windows each time. A
+    20-passage window takes at most 18 steps, so ``warmup + repeats`` <= 18 keeps every window
+    within its real decode length. ``graphs``: also with the step captured as CUDA graphs.
     """
+    from ..runtime.pool import PoolStepper
+
     windows = _windows(model, queries, max(batches))
     state, _ = stepper.start(*windows[0])
     single = [clock.ms(lambda: stepper.step(state, s % WINDOW))[0] for s in range(warmup + repeats)][warmup:]
     del state
+    max_len = max(len(ids) for ids, _ in windows) + WINDOW
+    result: dict[str, Any] = {"step_ms": median(single)}
+    for label, capture in (("", False), ("_graphs", True)) if graphs else (("", False),):
+        pool = PoolStepper(stepper, slots=max(batches), max_len=max_len, max_passages=WINDOW, graphs=capture)
+        by_batch, ops, prefill = _pool_steps(pool, clock, windows, batches, warmup, repeats)
+        result[f"step_ms_by_batch{label}"] = by_batch
+        if not label:
+            result["ops_per_step_by_batch"] = ops
+            result["prefill_ms_window"] = median(prefill)
+        del pool
+    by_batch = result["step_ms_by_batch"]
+    result.update({
+        "step_ms_per_query_step_by_batch": {b: ms / b for b, ms in by_batch.items()},
+        "step32_over_step1": by_batch[32] / by_batch[1] if 1 in by_batch and 32 in by_batch else None,
+        "prompt_tokens_window": int(np.median([len(w[0]) for w in windows])),
+    })
+    return result
+
+
+def _pool_steps(pool, clock: Clock, windows, batches: list[int], warmup: int, repeats: int):
+    import torch
+
     by_batch: dict[int, float] = {}
+    ops: dict[int, int] = {}
     prefill: list[float] = []
     for batch in batches:
-        states = []
-        for ids, embeds in windows[:batch]:
-            ms, (state, _) = clock.ms(lambda: stepper.start(ids, embeds))
-            prefill.append(ms)
-            states.append(state)
-        times = [clock.ms(lambda: stepper.step_many(states, [s % WINDOW] * batch))[0]
-                 for s in range(warmup + repeats)][warmup:]
+        for slot, (ids, embeds) in enumerate(windows[:batch]):
+            def enter(slot=slot, ids=ids, embeds=embeds):
+                begun = pool.begin(slot, ids, embeds)
+                pool.advance(begun, begun.remaining)
+                return pool.finish(begun)
+
+            prefill.append(clock.ms(enter)[0])
+        slots = list(range(batch))
+        times = [clock.ms(lambda: pool.step(slots))[0] for _ in range(warmup + repeats - 1)][warmup:]
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            pool.step(slots)
+        ops[batch] = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
         by_batch[batch] = median(times)
-        del states
-    return {"step_ms": median(single), "step_ms_by_batch": by_batch,
-            "step_ms_per_query_step_by_batch": {b: ms / b for b, ms in by_batch.items()},
-            "prefill_ms_window": median(prefill), "prompt_tokens_window": int(np.median([len(w[0]) for w in windows]))}
+        for slot in slots:
+            pool.free(slot)
+    return by_batch, ops, prefill
 
 
 # ---- the run
@@ -432,14 +464,15 @@ async def run(args: argparse.Namespace, start: float) -> dict[str, Any]:
 
     t0 = time.monotonic()
     queries = _queries(args.data, args.queries)
-    if args.conformance is not None:
+    steps_only = args.only == "steps"
+    if args.conformance is not None and not steps_only:
         log(f"fidelity: conformance cases on {device} in float32 (TF32 off) and {args.dtype}", start)
         memory.reset()
         result["conformance"] = await conformance(args.conformance, args.device, args.dtype, args.conformance_cases)
         phase_done("conformance", t0)
         log(f"fidelity: {result['conformance']}", start)
     else:
-        result["conformance"] = {"skipped": "--no-conformance"}
+        result["conformance"] = {"skipped": "--only steps" if steps_only else "--no-conformance"}
     result["conformance_float32"] = result["conformance"].get("float32", "skipped")
 
     t0 = time.monotonic()
@@ -463,14 +496,14 @@ async def run(args: argparse.Namespace, start: float) -> dict[str, Any]:
         f"shared head {result['prompt_head_tokens']} tokens", start)
 
     reranker = in_process_reranker(model)
-    t0 = time.monotonic()
-    log(f"warm-up: one query at top-{WINDOW} in modes {', '.join(MODES)}", start)
-    for mode in MODES:
-        await run_query(reranker, clock, queries[0], WINDOW, mode)
-    phase_done("warmup", t0)
-
     result["queries"] = {}
-    for top_k in TOP_KS:
+    for top_k in () if steps_only else TOP_KS:
+        if not result["queries"]:
+            t0 = time.monotonic()
+            log(f"warm-up: one query at top-{WINDOW} in modes {', '.join(MODES)}", start)
+            for mode in MODES:
+                await run_query(reranker, clock, queries[0], WINDOW, mode)
+            phase_done("warmup", t0)
         t0 = time.monotonic()
         log(f"queries: {len(queries)} x {args.repeats} repeats at top-{top_k}, modes {', '.join(MODES)}", start)
         memory.reset()
@@ -481,20 +514,26 @@ async def run(args: argparse.Namespace, start: float) -> dict[str, Any]:
             f"{full['prefill_ms']:.0f}, decode {full['decode_ms']:.0f} in {full['decode_steps']:.0f} steps)", start)
 
     t0 = time.monotonic()
-    log(f"decode steps: step at batch 1, step_many at batches {args.batches}", start)
+    log(f"decode steps: the reference step at batch 1, the pool's step at batches {args.batches}", start)
     memory.reset()
-    steps = measure_steps(model, stepper_for(model), clock, queries, args.batches, args.step_warmup, args.step_repeats)
+    steps = measure_steps(model, stepper_for(model), clock, queries, args.batches, args.step_warmup, args.step_repeats,
+                          graphs=device.type == "cuda")
     result.update(steps)
     phase_done("steps", t0)
-    log(f"steps: {steps['step_ms']:.2f} ms at batch 1; by batch {_rounded(steps['step_ms_by_batch'])}", start)
+    log(f"steps: {steps['step_ms']:.2f} ms at batch 1; by batch {_rounded(steps['step_ms_by_batch'])}; "
+        f"ATen ops per step {steps['ops_per_step_by_batch']}", start)
 
     q = result["queries"]
+
+    def query_ms(top: int, mode: str, key: str = "total_ms") -> float | None:
+        return q.get(f"top{top}", {}).get(mode, {}).get(key)
+
     result.update({
-        "prefill_ms": q["top20"]["full"]["prefill_ms"],
-        "top20_full_ms": q["top20"]["full"]["total_ms"], "top20_top10_ms": q["top20"]["top10"]["total_ms"],
-        "top20_first_ms": q["top20"]["first"]["total_ms"],
-        "top100_full_ms": q["top100"]["full"]["total_ms"], "top100_top10_ms": q["top100"]["top10"]["total_ms"],
-        "top100_first_ms": q["top100"]["first"]["total_ms"],
+        "prefill_ms": query_ms(20, "full", "prefill_ms"),
+        "top20_full_ms": query_ms(20, "full"), "top20_top10_ms": query_ms(20, "top10"),
+        "top20_first_ms": query_ms(20, "first"),
+        "top100_full_ms": query_ms(100, "full"), "top100_top10_ms": query_ms(100, "top10"),
+        "top100_first_ms": query_ms(100, "first"),
     })
     bandwidth = args.bandwidth_gbs or (known_bandwidth(name) if device.type == "cuda" else None)
     floor_ms = weight_bytes / (bandwidth * 1e9) * 1e3 if bandwidth else None
@@ -504,8 +543,8 @@ async def run(args: argparse.Namespace, start: float) -> dict[str, Any]:
         "weight_read_ms": floor_ms,
         "step_over_floor": result["step_ms"] / floor_ms if floor_ms else None,
         "step_over_floor_by_batch": {b: ms / floor_ms for b, ms in result["step_ms_by_batch"].items()} if floor_ms else None,
-        "paper_top100_s": PAPER_TOP100_S, "top100_full_over_paper": result["top100_full_ms"] / 1e3 / PAPER_TOP100_S,
-        "paper_top20_s": PAPER_TOP20_S, "top20_full_over_paper": result["top20_full_ms"] / 1e3 / PAPER_TOP20_S,
+        "paper_top100_s": PAPER_TOP100_S, "top100_full_over_paper": _over(result["top100_full_ms"], PAPER_TOP100_S),
+        "paper_top20_s": PAPER_TOP20_S, "top20_full_over_paper": _over(result["top20_full_ms"], PAPER_TOP20_S),
     }
     result["peak_memory_gb"]["max"] = max(result["peak_memory_gb"].values())
     result["settings"] = {"queries": args.queries, "repeats": args.repeats, "step_warmup": args.step_warmup,
@@ -514,8 +553,16 @@ async def run(args: argparse.Namespace, start: float) -> dict[str, Any]:
     return result
 
 
+def _over(ms: float | None, paper_s: float) -> float | None:
+    return None if ms is None else ms / 1e3 / paper_s
+
+
 def _rounded(values: dict) -> dict:
     return {k: round(v, 2) for k, v in values.items()}
+
+
+def _ms_to_s(ms: float | None) -> float | None:
+    return None if ms is None else ms / 1e3
 
 
 def _f(value: float | None, digits: int = 1) -> str:
@@ -548,9 +595,9 @@ def report_markdown(r: dict[str, Any]) -> str:
                          f"{_f(m['decode_ms'])} | {m['decode_steps']:.0f} | {m['windows']:.0f} | {m['prompt_tokens']:.0f} |")
     lines += [
         "",
-        f"Top-100 full: **{r['top100_full_ms'] / 1e3:.2f} s** per query against the paper's {PAPER_TOP100_S} s "
-        f"(ratio {floor['top100_full_over_paper']:.2f}); top-20 full {r['top20_full_ms'] / 1e3:.3f} s against about "
-        f"{PAPER_TOP20_S} s (ratio {floor['top20_full_over_paper']:.2f}).",
+        f"Top-100 full: **{_f(_ms_to_s(r['top100_full_ms']), 2)} s** per query against the paper's {PAPER_TOP100_S} s "
+        f"(ratio {_f(floor['top100_full_over_paper'], 2)}); top-20 full {_f(_ms_to_s(r['top20_full_ms']), 3)} s against "
+        f"about {PAPER_TOP20_S} s (ratio {_f(floor['top20_full_over_paper'], 2)}).",
         "",
         f"## Decode steps (median of {r['settings']['step_repeats']} after {r['settings']['step_warmup']} warm-up, "
         f"fresh {WINDOW}-passage windows)",
@@ -559,15 +606,19 @@ def report_markdown(r: dict[str, Any]) -> str:
         + (f"({floor['bandwidth_gbs']:.0f} GB/s, {floor['bandwidth_source']})." if floor["bandwidth_gbs"]
            else "(unknown bandwidth: pass --bandwidth-gbs)."),
         "",
-        "| batch | ms per step | ms per query-step | floor ms | step / floor |",
-        "|---|---|---|---|---|",
-        f"| 1 (`step`) | {_f(r['step_ms'], 2)} | {_f(r['step_ms'], 2)} | {_f(floor['weight_read_ms'], 2)} | "
-        f"{_f(floor['step_over_floor'], 2)} |",
+        "| batch | ms per step | ms per query-step | ATen ops per step | floor ms | step / floor |",
+        "|---|---|---|---|---|---|",
+        f"| 1 (reference `step`, own cache) | {_f(r['step_ms'], 2)} | {_f(r['step_ms'], 2)} | - | "
+        f"{_f(floor['weight_read_ms'], 2)} | {_f(floor['step_over_floor'], 2)} |",
     ]
+    graphs = r.get("step_ms_by_batch_graphs") or {}
     for b, ms in r["step_ms_by_batch"].items():
         ratio = floor["step_over_floor_by_batch"][b] if floor["step_over_floor_by_batch"] else None
-        lines.append(f"| {b} (`step_many`) | {_f(ms, 2)} | {_f(ms / int(b), 2)} | {_f(floor['weight_read_ms'], 2)} | "
-                     f"{_f(ratio, 2)} |")
+        lines.append(f"| {b} (pool step) | {_f(ms, 2)} | {_f(ms / int(b), 2)} | {r['ops_per_step_by_batch'].get(b, '-')} "
+                     f"| {_f(floor['weight_read_ms'], 2)} | {_f(ratio, 2)} |")
+    lines.append(f"\nstep(32) / step(1) on the pool: {_f(r.get('step32_over_step1'), 2)}.")
+    if graphs:
+        lines.append("With CUDA graphs (ms per step by batch): " + ", ".join(f"{b}: {_f(ms, 2)}" for b, ms in graphs.items()))
     c = r["conformance"]
     lines += ["", "## Fidelity on the device", ""]
     if "skipped" in c:
@@ -593,7 +644,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--queries", type=int, default=3, help="DL19 queries (default 3)")
     p.add_argument("--repeats", type=int, default=2, help="runs of each query and mode (default 2)")
-    p.add_argument("--batches", default="1,2,4,8,16,32", help="step_many batch sizes")
+    p.add_argument("--batches", default="1,2,4,8,16,32,64", help="decode-step batch sizes on the KV pool")
     p.add_argument("--step-warmup", type=int, default=3)
     p.add_argument("--step-repeats", type=int, default=12)
     p.add_argument("--bandwidth-gbs", type=float, default=None,
@@ -604,6 +655,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--conformance-cases", type=int, default=None,
                    help="only the first N (smallest) cases of each conformance checkpoint (default all 8)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--only", choices=["steps"], default=None,
+                   help="steps: only the decode-step measurements (no conformance, no whole queries; minutes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--json", action="store_true", help="print one JSON object (progress goes to stderr)")

@@ -23,14 +23,20 @@ class TritonEngineMetrics:
             family(name="pe_llm_prompt_tokens_cached_total",
                    description="Prompt tokens taken from the prompt-head cache, not prefilled", kind=family.COUNTER),
             family(name="pe_llm_windows_total", description="Windows answered, by status", kind=family.COUNTER),
+            family(name="pe_llm_warm_up_seconds", description="Seconds the load-time warm-up took",
+                   kind=family.GAUGE),
+            family(name="pe_llm_prefill_tokens_total", description="Prompt tokens prefilled (chunks within the budget)",
+                   kind=family.COUNTER),
         ]
-        live, batch, steps, prompt, cached, windows = self._families
+        live, batch, steps, prompt, cached, windows, warm, prefill = self._families
         self.live = live.Metric(labels=labels)
         self.batch = batch.Metric(labels=labels, buckets=STEP_BATCH_BUCKETS)
         self.steps = steps.Metric(labels=labels)
         self.prompt = prompt.Metric(labels=labels)
         self.cached = cached.Metric(labels=labels)
         self.windows = {s: windows.Metric(labels={**labels, "status": s}) for s in WINDOW_STATUSES}
+        self.warm = warm.Metric(labels=labels)
+        self.prefill = prefill.Metric(labels=labels)
 
     def on_step(self, batch: int) -> None:
         self.batch.observe(float(batch))
@@ -44,3 +50,9 @@ class TritonEngineMetrics:
 
     def on_live(self, live: int) -> None:
         self.live.set(float(live))
+
+    def on_prefill(self, tokens: int) -> None:
+        self.prefill.increment(float(tokens))
+
+    def on_warm_up(self, seconds: float) -> None:
+        self.warm.set(float(seconds))
