@@ -90,8 +90,10 @@ NOTES = {
         "#   window steps alone, so a ranking under load is bit-identical to the same request alone (batched\n"
         "#   float noise, ~1e-6, can flip a near-tie between two passages).\n"
     ),
-    "pe_encoder": "# runtime (Python backend only): torch (encoder/) or onnxruntime (model.onnx).\n",
-    "pe_projector": "# runtime (Python backend only): torch (projector.safetensors) or onnxruntime (model.onnx).\n",
+    "pe_encoder": "# runtime (Python backend only): torch (encoder/) or onnxruntime (model.onnx).\n"
+                  "# threads: CPU threads of this model's process (0: the runtime's default, every core).\n",
+    "pe_projector": "# runtime (Python backend only): torch (projector.safetensors) or onnxruntime (model.onnx).\n"
+                    "# threads: CPU threads of this model's process (0: the runtime's default, every core).\n",
 }
 
 
@@ -134,6 +136,7 @@ def _batched_model(name: str, target: str, gpu: bool, io: tuple[list[TensorSpec]
     config.dynamic_batching.max_queue_delay_microseconds = DYNAMIC_BATCH_DELAY_US
     if target in ("torch", "python"):
         config.parameters["runtime"].string_value = "torch" if target == "torch" else "onnxruntime"
+        config.parameters["threads"].string_value = "0"
     return config
 
 

@@ -19,7 +19,7 @@ import triton_python_backend_utils as pb_utils
 
 from pe_rank.core.errors import InvalidRequest
 from pe_rank.triton_backend.config_check import check_config, integer, one_of, require_response_sender
-from pe_rank.triton_backend.utils import device_of, input_array, model_dir, parameters, triton_error
+from pe_rank.triton_backend.utils import cpu_threads, device_of, input_array, model_dir, parameters, triton_error
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -48,8 +48,7 @@ class TritonPythonModel:
         dtype = torch_dtype(meta["dtype"])
         device = torch.device(device_of(args))
         params = parameters(args)
-        if int(params.get("torch_threads", 0)) > 0:  # one process per model: don't oversubscribe the cores
-            torch.set_num_threads(int(params["torch_threads"]))
+        cpu_threads(args, "torch_threads")
         llm = load_llm(info, WeightFiles(info.folder), dtype).to(device)
         prompts = PromptBuilder(load_prompt_tokenizer(info.folder))
         stepper = TorchStepper(llm, prompts, dtype, device, head_cache=int(params.get("head_cache", 16)))

@@ -9,16 +9,19 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from pe_rank.core.errors import InvalidRequest
-from pe_rank.triton_backend.config_check import check_config, one_of
-from pe_rank.triton_backend.utils import device_of, input_array, model_dir, onnx_session, parameters, respond_each
+from pe_rank.triton_backend.config_check import check_config, integer, one_of
+from pe_rank.triton_backend.utils import (cpu_threads, device_of, input_array, model_dir, onnx_session, parameters,
+                                          respond_each)
 
 
 class TritonPythonModel:
     def initialize(self, args):
         check_config(args, "pe_projector", batching=True,
-                     parameters={"runtime": one_of("torch", "onnxruntime", default="onnxruntime")})
+                     parameters={"runtime": one_of("torch", "onnxruntime", default="onnxruntime"),
+                                 "threads": integer(0)})
         folder = model_dir(args)
         self.runtime = parameters(args).get("runtime", "onnxruntime")
+        threads = cpu_threads(args) if self.runtime == "torch" else int(parameters(args).get("threads", "0") or 0)
         meta = json.loads((folder / "projector.json").read_text())
         self.embedding_size = int(meta["embedding_size"])
         if self.runtime == "torch":
@@ -34,7 +37,7 @@ class TritonPythonModel:
             self.projector.load_state_dict(load_file(str(folder / "projector.safetensors")))
             self.projector = self.projector.to(self.device, self.dtype).eval()
         else:
-            self.session = onnx_session(folder / "model.onnx", args)
+            self.session = onnx_session(folder / "model.onnx", args, threads)
 
     def execute(self, requests):
         return respond_each(pb_utils, requests, self._project)

@@ -59,10 +59,27 @@ def input_array(pb_utils: Any, request: Any, name: str, required: bool = True):
     return tensor.as_numpy()
 
 
-def onnx_session(path: Path, args: dict[str, str]):
+def cpu_threads(args: dict[str, str], key: str = "threads") -> int:
+    """The model process's CPU threads from its config (0: the runtime's default); PyTorch's are set here.
+
+    Each Triton model runs in a process of its own: left at the default, every one of them uses
+    every core, and concurrent requests oversubscribe the machine.
+    """
+    threads = int(parameters(args).get(key, "0") or 0)
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+    return threads
+
+
+def onnx_session(path: Path, args: dict[str, str], threads: int = 0):
     """onnxruntime on the instance's device (CUDA provider first on a GPU instance)."""
     import onnxruntime as ort
 
     gpu = device_of(args) != "cpu"
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if gpu else ["CPUExecutionProvider"]
-    return ort.InferenceSession(str(path), providers=providers)
+    options = ort.SessionOptions()
+    if threads > 0:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), sess_options=options, providers=providers)
