@@ -26,7 +26,6 @@ from pe_rank.core.prerank import cosine_order, with_defaults
 from pe_rank.core.ranker import window_bounds
 from pe_rank.core.types import Mode, Passage, RerankRequest
 from pe_rank.runtime.inprocess import load_ranker
-from pe_rank.tei.v1 import tei_pb2, tei_pb2_grpc
 from pe_rank.v1 import ranker_pb2 as pb
 
 DEFAULTS = {"prerank": True, "depth": 5}
@@ -170,13 +169,8 @@ def test_every_door_takes_the_models_defaults_and_the_callers_choice(served, def
     off = service.client.rerank(request_of(case, prerank=False, depth=0), timeout=120)
     assert [r.index for r in off.ranks] == paper and (off.metadata.prerank, off.metadata.depth) == (False, 20)
     # tei.v1 over gRPC (pe-rank's own fields 100, 101)
-    with grpc.insecure_channel(service.target) as channel:
-        stub = tei_pb2_grpc.RerankStub(channel)
-        assert [r.index for r in sorted(stub.Rerank(tei_pb2.RerankRequest(query=query, texts=texts, truncate=True),
-                                                    timeout=120).ranks, key=lambda r: -r.score)] == cascade
-        tei_off = stub.Rerank(tei_pb2.RerankRequest(query=query, texts=texts, truncate=True, prerank=False, depth=0),
-                              timeout=120)
-        assert [r.index for r in sorted(tei_off.ranks, key=lambda r: -r.score)] == paper
+    assert tei_rerank(service.target, query, texts) == cascade
+    assert tei_rerank(service.target, query, texts, prerank=False, depth=0) == paper
     # TEI and Cohere/Jina over HTTP
     tei = httpx.post(f"{service.base_url}/rerank", json={"query": query, "texts": texts, "truncate": True,
                                                           "prerank": False, "depth": 0}, timeout=120)
@@ -208,8 +202,8 @@ def test_a_negative_depth_is_refused_naming_the_field_at_every_door(served, tmp_
         service.client.rerank(pb.RerankRequest(query="q", passages=[pb.Passage(text=t) for t in texts], depth=-1),
                               timeout=60)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith("depth:")
-    with grpc.insecure_channel(service.target) as channel, pytest.raises(grpc.RpcError) as err:
-        tei_pb2_grpc.RerankStub(channel).Rerank(tei_pb2.RerankRequest(query="q", texts=texts, depth=-1), timeout=60)
+    with pytest.raises(grpc.RpcError) as err:
+        tei_rerank(service.target, "q", texts, depth=-1)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith("depth:")
     for path, body in (("/rerank", {"query": "q", "texts": texts}), ("/v1/rerank", {"query": "q", "documents": texts}),
                        ("/v2/rerank", {"query": "q", "documents": texts})):
@@ -219,6 +213,23 @@ def test_a_negative_depth_is_refused_naming_the_field_at_every_door(served, tmp_
         tclient.InferenceServerClient(triton.grpc_url).infer("pe_rank", rank_inputs("q", texts, DEPTH=-1),
                                                              client_timeout=60)
     assert "INVALID_ARG" in str(err.value.status())
+
+
+def tei_rerank(target: str, query: str, texts: list[str], truncate: bool = True, **extension) -> list:
+    """tei.v1 Rerank with pe-rank's own fields (100: prerank, 101: depth) appended on the wire to TEI's
+    message, as an extended client sends them: tei-client's stubs, never ours (both define tei.v1)."""
+    from google.protobuf.internal.encoder import _VarintBytes
+    from tei_client.stubs import tei_pb2
+
+    body = tei_pb2.RerankRequest(query=query, texts=texts, truncate=truncate).SerializeToString()
+    for number, value in ((100, extension.get("prerank")), (101, extension.get("depth"))):
+        if value is not None:
+            body += _VarintBytes(number << 3) + _VarintBytes(int(value) & (2**64 - 1) if value < 0 else int(value))
+    with grpc.insecure_channel(target) as channel:
+        call = channel.unary_unary("/tei.v1.Rerank/Rerank", request_serializer=lambda raw: raw,
+                                   response_deserializer=tei_pb2.RerankResponse.FromString)
+        ranks = call(body, timeout=120).ranks
+    return [r.index for r in sorted(ranks, key=lambda r: -r.score)]
 
 
 def rank_inputs(query: str, texts: list[str], **options) -> list[tclient.InferInput]:
