@@ -23,6 +23,7 @@ import numpy as np
 from .types import Passage
 
 EMBEDDING_MODES = ("exact", "cached")
+_VECTOR = b"v"  # cache keys of encoder vectors (the pre-rank's), apart from projected rows
 
 
 class Encoder(Protocol):
@@ -136,18 +137,31 @@ class WindowEmbeddings:
         return await self._rows(passages)
 
     async def vectors(self, passages: Sequence[Passage]) -> np.ndarray:
-        """Encoder embeddings [n, E] of every passage (the caller's where given), in batches: the pre-rank's."""
-        parts = []
-        for chunk in _chunks(list(range(len(passages))), self.batch):
-            texts = [passages[i].text for i in chunk if passages[i].embedding is None]
-            encoded = iter((await self.encoder.embed(texts))[1] if texts else [])
-            parts.append(np.stack([next(encoded) if passages[i].embedding is None
-                                   else np.asarray(passages[i].embedding, dtype=np.float32) for i in chunk]))
-        return np.concatenate(parts)
+        """Encoder embeddings [n, E] of every passage (the caller's where given): the pre-rank's.
+
+        Cached per passage text; the misses are encoded in batches, and their projected rows fill
+        the ``cached`` mode's per-passage cache from the same call.
+        """
+        rows: list[np.ndarray | None] = [None if p.embedding is None else np.asarray(p.embedding, np.float32)
+                                         for p in passages]
+        missing = []
+        for i, p in enumerate(passages):
+            if p.embedding is None:
+                rows[i] = self.cache.get(_VECTOR + encoder_input_key([p.text]))
+                if rows[i] is None:
+                    missing.append(i)
+        for chunk in _chunks(missing, self.batch):
+            projected, encoded = await self.encoder.embed([passages[i].text for i in chunk])
+            for i, vector, row in zip(chunk, encoded, projected):
+                rows[i] = vector
+                self.cache.put(_VECTOR + encoder_input_key([passages[i].text]), vector)
+                if self.mode == "cached":
+                    self.cache.put(encoder_input_key([passages[i].text]), row)
+        return np.stack(rows)
 
     async def query_vector(self, query: str) -> np.ndarray:
-        """The query's encoder embedding [E], encoded as a passage is."""
-        return (await self.encoder.embed([query]))[1][0]
+        """The query's encoder embedding [E], encoded (and cached) as a passage is."""
+        return (await self.vectors([Passage(id="query", text=query)]))[0]
 
     async def _rows(self, passages: Sequence[Passage]) -> RowWindows:
         rows: list[np.ndarray | None] = [None] * len(passages)
