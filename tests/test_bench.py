@@ -30,6 +30,9 @@ def test_bench_reports_ratios_percentiles_quality_and_plots(tmp_path):
     assert set(result["concurrency"]) == {"1", "2"} and result["machine"]["cores"]
     assert result["llm_calls_per_query"] == 1  # top-20: one window, one pe_llm call (Triton's own counter)
     assert all(v["mean_step_batch"] >= 1 for v in result["concurrency"].values())
+    # the burst right after a fresh start, and the same burst at the end (no embedding cache: comparable)
+    assert {b["n"] for b in result["bursts"].values()} == {2} and result["first_burst_over_later"] > 0
+    assert "pe_rank_default" in result["variants"] and result["default_over_full"] > 0
 
     # NDCG@10 of every variant, on the queries it ranked; the server ranks exactly like in-process full
     for name, v in variants.items():

@@ -90,7 +90,10 @@ class _Service:
                                         # admission wide open: the sweep measures what the machine does
                                         # with N clients, which is how --max-concurrent gets sized
                                         "--max-concurrent", str(self.max_clients), "--max-queued", "0",
-                                        "--max-request-time", "0"],
+                                        "--max-request-time", "0",
+                                        # no embedding cache: every request pays its encoding, so a repeated
+                                        # burst is not faster for having been seen before
+                                        "--cache-size", "0"],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.target = f"127.0.0.1:{port}"
         _wait_serving(self.target, self.server)
@@ -139,9 +142,17 @@ def triton_counters(metrics_port: int) -> dict[str, float]:
     return values
 
 
+async def _burst(client, requests: list) -> dict[str, float]:
+    """All ``requests`` at once, one client each: latency percentiles and the burst's wall time."""
+    t0 = time.perf_counter()
+    timed = await asyncio.gather(*(_timed(client.rerank(r)) for r in requests))
+    return {**_percentiles([ms for ms, _ in timed]), "wall_ms": (time.perf_counter() - t0) * 1e3}
+
+
 async def _through_server(service: "_Service", queries: list[Query], top_k: int, runs: dict,
-                          concurrency: list[int]) -> tuple[dict, float]:
-    """Single-client runs, then the concurrency sweep; returns (sweep, pe_llm calls per query)."""
+                          concurrency: list[int]) -> tuple[dict, float, dict]:
+    """The first burst after a fresh start, single-client runs, the concurrency sweep, the same burst again;
+    returns (sweep, pe_llm calls per query, the two bursts)."""
     from ..client import AsyncRankerClient
 
     sweep = {}
@@ -150,7 +161,9 @@ async def _through_server(service: "_Service", queries: list[Query], top_k: int,
     def counters() -> dict[str, float]:
         return triton_counters(service.triton.metrics_port)
 
+    burst = [requests[i % len(requests)] for i in range(max(concurrency))]
     async with AsyncRankerClient(service.target) as client:
+        bursts = {"first": await _burst(client, burst)}  # the server and Triton as they come up: nothing before it
         await client.rerank(requests[0])  # warm-up
         before = counters()
         for query, request in zip(queries, requests):
@@ -180,7 +193,8 @@ async def _through_server(service: "_Service", queries: list[Query], top_k: int,
             sweep[str(clients)] = {"throughput_qps": len(jobs) / wall, **_percentiles(latencies),
                                    "mean_step_batch": (after["batch_sum"] - before["batch_sum"]) / steps
                                    if steps else None}
-    return sweep, llm_calls_per_query
+        bursts["later"] = await _burst(client, burst)
+    return sweep, llm_calls_per_query, bursts
 
 
 def _median(runs: dict, name: str) -> float | None:
@@ -208,10 +222,11 @@ async def run_bench(checkpoint: Path, data: Path, queries: int, top_k: int, text
     runs: dict = {}
     await _in_process(ranker, items, top_k, runs, text_queries)
     sweep: dict = {}
+    bursts: dict = {}
     llm_calls_per_query = None
     if with_server:
         with _Service(checkpoint, max(concurrency)) as service:
-            sweep, llm_calls_per_query = await _through_server(service, items, top_k, runs, concurrency)
+            sweep, llm_calls_per_query, bursts = await _through_server(service, items, top_k, runs, concurrency)
     full = _median(runs, "pe_rank_full")
     qps = {int(k): v["throughput_qps"] for k, v in sweep.items()}
     top = max(qps) if qps else None
@@ -236,6 +251,8 @@ async def run_bench(checkpoint: Path, data: Path, queries: int, top_k: int, text
         "first_over_full": _ratio(_median(runs, "pe_rank_first"), full),
         "default_over_full": _ratio(_median(runs, "pe_rank_default"), full),
         "llm_calls_per_query": llm_calls_per_query,
+        "bursts": bursts,
+        "first_burst_over_later": _ratio(bursts.get("first", {}).get("p50"), bursts.get("later", {}).get("p50")),
         f"throughput_{8 if 8 in qps else top}_over_1": _ratio(qps.get(8, qps.get(top)), qps.get(1)),
     }
 
@@ -265,9 +282,18 @@ def report_markdown(result: dict) -> str:
     if result.get("llm_calls_per_query") is not None:
         lines += ["", f"pe_llm calls per query (Triton's counter): {result['llm_calls_per_query']:.1f} "
                       f"({result['settings']['top_k']} passages, 20/10 windows)."]
+    bursts = result.get("bursts") or {}
+    if bursts:
+        lines += ["", f"A burst of {bursts['first']['n']} requests at once, right after the server and Triton came up "
+                      f"(p50 {bursts['first']['p50']:.0f} ms, wall {bursts['first']['wall_ms']:.0f} ms), and the same "
+                      f"burst at the end (p50 {bursts['later']['p50']:.0f} ms, wall {bursts['later']['wall_ms']:.0f} ms)."]
     lines += ["", "Ratios of medians measured in this run:", ""]
     lines += [f"- {k}: {v:.2f}" for k, v in result.items() if k.endswith(("_over_1", "_over_full", "_over_pe_rank",
-                                                                          "_over_in_process")) and v]
+                                                                          "_over_in_process", "_over_later")) and v]
+    first = result.get("first_over_full")
+    if first:  # decode steps free under batching: the most 8 clients can gain over 1
+        lines.append(f"- bound for throughput 8/1 when batched decode steps are free: 1 / first_over_full = "
+                     f"{1 / first:.2f}")
     titles = {"latency_vs_concurrency": "Latency vs concurrency", "quality_vs_latency": f"{QUALITY} vs latency"}
     for kind, name in result.get("plots", {}).items():
         lines += ["", f"![{titles.get(kind, kind)}]({name})"]
