@@ -56,6 +56,8 @@ def parse_request(obj: Any) -> RerankRequest:
         top_n=None if top_n == 0 else top_n,  # 0 and null both mean "the whole permutation"
         truncate=_typed(obj, "truncate", bool, True),
         return_text=_typed(obj, "return_text", bool, False),
+        max_chunks_per_doc=_typed(obj, "max_chunks_per_doc", int, None),  # null: the default (10)
+        max_tokens_per_doc=_typed(obj, "max_tokens_per_doc", int, None),
     )
 
 
@@ -65,8 +67,10 @@ def result_to_json(result: RerankResult) -> dict[str, Any]:
         item: dict[str, Any] = {"id": r.id, "index": r.index, "score": r.score}
         if r.text is not None:
             item["text"] = r.text
+        if r.chunk:
+            item["chunk"] = r.chunk
         ranking.append(item)
-    t = result.timings
+    t, c = result.timings, result.chunking
     return {
         "ranking": ranking,
         "metadata": {
@@ -80,6 +84,10 @@ def result_to_json(result: RerankResult) -> dict[str, Any]:
             "prefill_ms": round(t.prefill_ms, 3),
             "decode_ms": round(t.decode_ms, 3),
             "total_ms": round(t.total_ms, 3),
+            "chunks": c.chunks,
+            "chunked_passages": c.chunked_passages,
+            "tokens_cut": c.tokens_cut,
+            "cut_passages": c.cut_passages,
         },
     }
 

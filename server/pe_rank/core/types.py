@@ -33,6 +33,10 @@ class RerankRequest:
     top_n: int | None = None  # None: the whole permutation
     truncate: bool = True
     return_text: bool = False
+    # long passages (core/chunking.py): chunks per passage (None: the server's default, 10; 1: cut at
+    # the encoder's limit) and text tokens read per passage across its chunks (None: no cap)
+    max_chunks_per_doc: int | None = None
+    max_tokens_per_doc: int | None = None
 
 
 @dataclass(frozen=True)
@@ -52,11 +56,22 @@ class RankStats:
 
 
 @dataclass(frozen=True)
+class ChunkStats:
+    """What chunking did to a request (core/chunking.py)."""
+
+    chunks: int = 0            # passages ranked: one per passage that fits, one per chunk of a split one
+    chunked_passages: int = 0  # passages split into two or more chunks
+    tokens_cut: int = 0        # text tokens not read (past max_tokens_per_doc or max_chunks_per_doc chunks)
+    cut_passages: int = 0      # passages with tokens cut
+
+
+@dataclass(frozen=True)
 class RankedPassage:
     index: int   # position in the request's passage list
     id: str
     score: float  # 1 / rank: listwise decoding yields an order, not calibrated relevance
     text: str | None = None
+    chunk: int = 0  # which of the passage's chunks placed it (0 when it is one chunk)
 
 
 @dataclass
@@ -75,3 +90,4 @@ class RerankResult:
     stats: RankStats
     timings: Timings = field(default_factory=Timings)
     cache_hits: int = 0
+    chunking: ChunkStats = field(default_factory=ChunkStats)
