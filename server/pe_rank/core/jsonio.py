@@ -104,4 +104,7 @@ def format_table(output: dict[str, Any], request: RerankRequest) -> str:
         f"windows={m['windows']} prompt_tokens={m['prompt_tokens']} decode_steps={m['decode_steps']} "
         f"encode_ms={m['encode_ms']:.1f} rank_ms={m['rank_ms']:.1f}"
     )
+    if m.get("chunked_passages") or m.get("tokens_cut"):
+        lines.append(f"long passages: {m['chunked_passages']} ranked as chunks ({m['chunks']} passages ranked), "
+                     f"{m['tokens_cut']} tokens not read in {m['cut_passages']}")
     return "\n".join(lines)

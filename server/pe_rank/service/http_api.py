@@ -66,8 +66,8 @@ class DocumentsRerankRequest(BaseModel):
     top_n: int | None = Field(None, description="only the best top_n, decoded exactly (partial decoding)")
     return_documents: bool = Field(False, description="echo each document (an object as sent; a string as "
                                                       "{text}, or the string itself on /infinity/rerank)")
-    max_tokens_per_doc: int | None = Field(None, ge=1, description="text tokens read per document across its "
-                                                                   "chunks; below 512 the document is cut there")
+    max_tokens_per_doc: int | None = Field(None, ge=1, description="text tokens read per document: up to 512 "
+                                                                   "it is cut there, above across its chunks")
     max_chunks_per_doc: int | None = Field(None, ge=1, description=f"chunks per document (default 10): {_CHUNKS}")
     rank_fields: list[str] | None = Field(None, description="object documents: rank on these fields' values, "
                                                             "joined with newlines in this order (default: text)")
@@ -174,7 +174,7 @@ def _pydantic_field(loc: tuple) -> str:
 
 
 def _body_shape(body: Any) -> str:
-    """/rerank: Cohere's shape when the body has ``documents`` and no ``texts``; TEI's otherwise
+    """/rerank: vLLM's (Cohere's) shape when the body has ``documents`` and no ``texts``; TEI's otherwise
     (so a body with neither is told TEI's ``texts`` is missing)."""
     return "documents-body" if isinstance(body, dict) and "documents" in body and "texts" not in body else "TEI-body"
 
