@@ -154,7 +154,10 @@ def test_health_info_and_openapi(service):
     info = HttpClient(service.base_url, timeout=T).info()
     assert info.server_model_type is ModelType.Reranker and info.max_input_length == 512
     spec = httpx.get(f"{service.base_url}/openapi.json").json()
-    assert {"/rerank", "/v1/rerank", "/v2/rerank", "/health", "/info"} <= set(spec["paths"])
+    assert {"/rerank", "/v1/rerank", "/v2/rerank", "/health", "/info", "/infinity/rerank", "/v1/ranking",
+            "/v1/retrieval/{model}/reranking", "/v1/models"} <= set(spec["paths"])
+    body = spec["paths"]["/rerank"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert {s["$ref"].rsplit("/", 1)[1] for s in body["oneOf"]} == {"TeiRerankRequest", "DocumentsRerankRequest"}
     assert "1/rank" in json.dumps(spec["components"]["schemas"]["TeiRank"])
 
 
@@ -268,7 +271,7 @@ def test_http_shape_errors_name_the_field(service):
                               ("/v2/rerank", {"query": "q", "documents": "a"}, "documents"),
                               ("/rerank", {"query": "q", "texts": ["a"], "truncation_direction": "Left"},
                                "truncation_direction"),
-                              ("/v2/rerank", {"query": "q", "documents": ["a"], "max_tokens_per_doc": 64},
+                              ("/v2/rerank", {"query": "q", "documents": ["a"], "max_tokens_per_doc": 0},
                                "max_tokens_per_doc")]:
         _assert_http(service, path, body, 422, field)
     response = httpx.post(f"{service.base_url}/rerank", content=b'{"query": "q", "texts": [', timeout=30,

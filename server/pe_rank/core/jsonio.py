@@ -58,6 +58,8 @@ def parse_request(obj: Any) -> RerankRequest:
         return_text=_typed(obj, "return_text", bool, False),
         prerank=_typed(obj, "prerank", bool, None),  # null or absent: the model's default
         depth=_typed(obj, "depth", int, None),
+        max_chunks_per_doc=_typed(obj, "max_chunks_per_doc", int, None),  # null: the default (10)
+        max_tokens_per_doc=_typed(obj, "max_tokens_per_doc", int, None),
     )
 
 
@@ -67,8 +69,10 @@ def result_to_json(result: RerankResult) -> dict[str, Any]:
         item: dict[str, Any] = {"id": r.id, "index": r.index, "score": r.score}
         if r.text is not None:
             item["text"] = r.text
+        if r.chunk:
+            item["chunk"] = r.chunk
         ranking.append(item)
-    t = result.timings
+    t, c = result.timings, result.chunking
     return {
         "ranking": ranking,
         "metadata": {
@@ -84,6 +88,10 @@ def result_to_json(result: RerankResult) -> dict[str, Any]:
             "prefill_ms": round(t.prefill_ms, 3),
             "decode_ms": round(t.decode_ms, 3),
             "total_ms": round(t.total_ms, 3),
+            "chunks": c.chunks,
+            "chunked_passages": c.chunked_passages,
+            "tokens_cut": c.tokens_cut,
+            "cut_passages": c.cut_passages,
         },
     }
 
@@ -100,4 +108,7 @@ def format_table(output: dict[str, Any], request: RerankRequest) -> str:
         f"windows={m['windows']} prompt_tokens={m['prompt_tokens']} decode_steps={m['decode_steps']} "
         f"encode_ms={m['encode_ms']:.1f} rank_ms={m['rank_ms']:.1f}"
     )
+    if m.get("chunked_passages") or m.get("tokens_cut"):
+        lines.append(f"long passages: {m['chunked_passages']} ranked as chunks ({m['chunks']} passages ranked), "
+                     f"{m['tokens_cut']} tokens not read in {m['cut_passages']}")
     return "\n".join(lines)

@@ -31,6 +31,8 @@ def request_from_proto(msg: pb.RerankRequest) -> RerankRequest:
         return_text=msg.return_text,
         prerank=msg.prerank if msg.HasField("prerank") else None,
         depth=msg.depth if msg.HasField("depth") else None,
+        max_chunks_per_doc=msg.max_chunks_per_doc if msg.HasField("max_chunks_per_doc") else None,
+        max_tokens_per_doc=msg.max_tokens_per_doc if msg.HasField("max_tokens_per_doc") else None,
     )
 
 
@@ -49,6 +51,10 @@ def request_to_proto(request: RerankRequest) -> pb.RerankRequest:
         msg.prerank = request.prerank
     if request.depth is not None:
         msg.depth = request.depth
+    if request.max_chunks_per_doc is not None:
+        msg.max_chunks_per_doc = request.max_chunks_per_doc
+    if request.max_tokens_per_doc is not None:
+        msg.max_tokens_per_doc = request.max_tokens_per_doc
     for p in request.passages:
         item = msg.passages.add(id=p.id, text=p.text)
         if p.embedding is not None:
@@ -57,7 +63,7 @@ def request_to_proto(request: RerankRequest) -> pb.RerankRequest:
 
 
 def response_to_proto(result: RerankResult, request_id: str) -> pb.RerankResponse:
-    t = result.timings
+    t, c = result.timings, result.chunking
     response = pb.RerankResponse(metadata=pb.RerankMetadata(
         windows=result.stats.windows, prompt_tokens=result.stats.prompt_tokens,
         cached_prompt_tokens=result.stats.cached_prompt_tokens,
@@ -65,9 +71,10 @@ def response_to_proto(result: RerankResult, request_id: str) -> pb.RerankRespons
         prerank=result.prerank, depth=result.depth,
         timings=pb.StageTimings(queue_ms=t.queue_ms, encode_ms=t.encode_ms, prefill_ms=t.prefill_ms,
                                 decode_ms=t.decode_ms, total_ms=t.total_ms),
+        chunks=c.chunks, chunked_passages=c.chunked_passages, tokens_cut=c.tokens_cut, cut_passages=c.cut_passages,
     ))
     for r in result.ranking:
-        rank = response.ranks.add(index=r.index, id=r.id, score=r.score)
+        rank = response.ranks.add(index=r.index, id=r.id, score=r.score, chunk=r.chunk)
         if r.text is not None:
             rank.text = r.text
     return response
@@ -80,6 +87,8 @@ def response_to_json(response: pb.RerankResponse) -> dict:
         item = {"id": r.id, "index": r.index, "score": r.score}
         if r.HasField("text"):
             item["text"] = r.text
+        if r.chunk:
+            item["chunk"] = r.chunk
         ranking.append(item)
     m, t = response.metadata, response.metadata.timings
     return {
@@ -91,5 +100,7 @@ def response_to_json(response: pb.RerankResponse) -> dict:
             "rank_ms": round(t.prefill_ms + t.decode_ms, 3), "prefill_ms": round(t.prefill_ms, 3),
             "decode_ms": round(t.decode_ms, 3), "queue_ms": round(t.queue_ms, 3),
             "total_ms": round(t.total_ms, 3), "request_id": m.request_id,
+            "chunks": m.chunks, "chunked_passages": m.chunked_passages, "tokens_cut": m.tokens_cut,
+            "cut_passages": m.cut_passages,
         },
     }

@@ -35,6 +35,10 @@ class RerankRequest:
     return_text: bool = False
     prerank: bool | None = None  # order by the encoder's query-passage cosine first; None: the model's default
     depth: int | None = None     # PE-Rank reorders only the top `depth` (0: every passage); None: the model's default
+    # long passages (core/chunking.py): chunks per passage (None: the server's default, 10; 1: cut at
+    # the encoder's limit) and text tokens read per passage across its chunks (None: no cap)
+    max_chunks_per_doc: int | None = None
+    max_tokens_per_doc: int | None = None
 
 
 @dataclass(frozen=True)
@@ -54,11 +58,22 @@ class RankStats:
 
 
 @dataclass(frozen=True)
+class ChunkStats:
+    """What chunking did to a request (core/chunking.py)."""
+
+    chunks: int = 0            # passages ranked: one per passage that fits, one per chunk of a split one
+    chunked_passages: int = 0  # passages split into two or more chunks
+    tokens_cut: int = 0        # text tokens not read (past max_tokens_per_doc or max_chunks_per_doc chunks)
+    cut_passages: int = 0      # passages with tokens cut
+
+
+@dataclass(frozen=True)
 class RankedPassage:
     index: int   # position in the request's passage list
     id: str
     score: float  # 1 / rank: listwise decoding yields an order, not calibrated relevance
     text: str | None = None
+    chunk: int = 0  # which of the passage's chunks placed it (0 when it is one chunk)
 
 
 @dataclass
@@ -79,3 +94,4 @@ class RerankResult:
     cache_hits: int = 0
     prerank: bool = False  # the candidates were ordered by the encoder cosine first
     depth: int = 0         # passages PE-Rank reordered (the rest kept the pre-rank's order)
+    chunking: ChunkStats = field(default_factory=ChunkStats)

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from .chunking import DEFAULT_MAX_CHUNKS, validate_chunking
 from .errors import InvalidRequest, RequestTooLarge
 from .types import Mode, RerankRequest
 
@@ -19,6 +20,7 @@ class Limits:
     max_window_size: int = 100
     max_query_chars: int = 4096
     max_text_bytes: int = 8 << 20  # query and passage texts together, UTF-8: bounds the tokenizers' work
+    max_chunks: int = DEFAULT_MAX_CHUNKS  # passages ranked after long ones are split (core/chunking.py)
 
 
 def _utf8_size(text: str) -> int:
@@ -66,6 +68,7 @@ def validate_request(
         raise InvalidRequest("top_n", f"must not be negative, got {request.top_n}")
     if request.depth is not None and request.depth < 0:
         raise InvalidRequest("depth", f"must not be negative (0: rerank every passage), got {request.depth}")
+    validate_chunking(request)
     seen: dict[str, int] = {}
     for i, passage in enumerate(request.passages):
         if passage.id in seen:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.chunking import ChunkPlan, Chunker
 from ..core.embeddings import WindowEmbeddings
 from ..core.prerank import with_defaults
 from ..core.reranker import Reranker, ranked
@@ -65,27 +66,33 @@ class InProcessRanker:
     def __init__(self, model: PeRankModel, embedding_mode: str = "exact") -> None:
         self.model = model
         self.reranker = in_process_reranker(model, embedding_mode)
+        # long passages as chunks, planned on the encoder's own tokenizer (as the server does)
+        self.chunker = Chunker(model.encoder_tokenizer.backend_tokenizer)
 
-    def validate(self, request: RerankRequest) -> RerankRequest:
-        """The request with the model's defaults applied, checked; raises InvalidRequest."""
+    def validate(self, request: RerankRequest) -> ChunkPlan:
+        """Apply the model's defaults, validate once, then plan the chunks of long passages (mode ``text``
+        reads texts whole); the plan holds the request as it will be ranked."""
         request = with_defaults(request, self.model.info.defaults)
         validate_request(request, self.model.embedding_size, token_counts=self.model.passage_token_counts,
                          max_tokens=ENCODER_MAX_TOKENS, allow_text=True, prompts=self.model.prompts)
-        return request
+        if request.mode is Mode.TEXT:
+            return ChunkPlan.unchanged(request)
+        return self.chunker.plan(request)
 
     def rank_sync(self, request: RerankRequest) -> RerankResult:
         """Validate, then rank on a new event loop (a refused request never starts one)."""
-        return asyncio.run(self.rank(self.validate(request), validated=True))
+        return asyncio.run(self.rank(request, plan=self.validate(request)))
 
-    async def rank(self, request: RerankRequest, validated: bool = False) -> RerankResult:
-        """Validate (unless done), then rank; ``timings.total_ms`` is the whole call."""
+    async def rank(self, request: RerankRequest, plan: ChunkPlan | None = None) -> RerankResult:
+        """Validate and plan (unless ``plan`` is given), then rank; ``timings.total_ms`` is the whole call."""
         t0 = time.perf_counter()
-        if not validated:
-            request = self.validate(request)
+        if plan is None:
+            plan = self.validate(request)
+        request = plan.request
         if request.mode is Mode.TEXT:
             result = await self._rank_text(request)
         else:
-            result = await self.reranker.rerank(request)
+            result = await self.reranker.rerank(request, plan=plan)
         result.timings.total_ms = (time.perf_counter() - t0) * 1e3
         return result
 

@@ -16,6 +16,7 @@ import grpc
 from pe_rank_export.configs import max_batch_size
 
 from ..core.checkpoint import read_checkpoint_info
+from ..core.chunking import DEFAULT_MAX_CHUNKS, DEFAULT_MAX_CHUNKS_PER_DOC, ChunkPlan, Chunker
 from ..core.embeddings import EmbeddingCache, WindowEmbeddings
 from ..core.prompt import PromptBuilder
 from ..core.prerank import reranked_count, with_defaults
@@ -51,6 +52,8 @@ class ServiceConfig:
     max_queue_wait_s: float = 2.0
     max_request_s: float = 60.0   # server-side bound on a request's time; 0: none
     max_text_bytes: int = 8 << 20
+    max_chunks_per_doc: int = DEFAULT_MAX_CHUNKS_PER_DOC  # chunks of a long passage when the request says none
+    max_chunks: int = DEFAULT_MAX_CHUNKS  # passages ranked per request once long ones are split
     cpu_workers: int = 2          # threads converting and validating requests off the event loop
     cache_size: int = 10_000
     embedding_mode: str = "exact"
@@ -66,7 +69,7 @@ class ServiceConfig:
 
     def __post_init__(self) -> None:
         self.limits = Limits(max_passages=self.max_passages, max_window_size=self.max_window_size,
-                             max_text_bytes=self.max_text_bytes)
+                             max_text_bytes=self.max_text_bytes, max_chunks=self.max_chunks)
         self.admission = AdmissionLimits(self.max_concurrent, self.max_queued, self.max_queue_wait_s)
 
 
@@ -81,6 +84,7 @@ class RepositoryView:
         self.info = read_checkpoint_info(checkpoint)
         self.prompts = PromptBuilder(load_prompt_tokenizer(checkpoint))
         self.encoder_tokenizer = EncoderTokenizer(tokenizer)
+        self.chunker = Chunker.from_file(tokenizer / "tokenizer.json")  # long passages as chunks (core/chunking.py)
         self.encoder_config = json.loads((self.info.encoder_dir / "config.json").read_text())
         # a window is one pe_embed request, so windows may not exceed the encoder's max batch
         self.max_batch = max_batch_size(repository / "pe_encoder" / "config.pbtxt")
@@ -155,11 +159,12 @@ class RankingService:
         error: ServiceError | None = None
         detail = ""
         try:
-            req = await asyncio.get_running_loop().run_in_executor(self.workers, self._validated, convert)
-            windows = len(window_bounds(reranked_count(len(req.passages), req.depth), req.window_size, req.stride))
+            req, plan = await asyncio.get_running_loop().run_in_executor(self.workers, self._validated, convert)
+            windows = len(window_bounds(reranked_count(len(plan.ranked.passages), req.depth), req.window_size,
+                                        req.stride))
             async with self.admission.slot(windows, deadline) as queued_s:
                 ranked = time.perf_counter()
-                result = await self._rank(req, Timings(queue_ms=queued_s * 1e3), deadline)
+                result = await self._rank(req, plan, Timings(queue_ms=queued_s * 1e3), deadline)
                 self.admission.record(time.perf_counter() - ranked, windows)
             result.timings.total_ms = (time.perf_counter() - started) * 1e3
             self.metrics.passages.inc(len(req.passages))
@@ -189,12 +194,14 @@ class RankingService:
         server = time.monotonic() + limit
         return server if client is None else min(client, server)
 
-    def _validated(self, convert: Callable[[], RerankRequest]) -> RerankRequest:
+    def _validated(self, convert: Callable[[], RerankRequest]) -> tuple[RerankRequest, ChunkPlan]:
+        """Convert, apply the model's defaults, validate, and plan the chunks of long passages (tokenizing:
+        a worker thread's job)."""
         req = with_defaults(convert(), self.repo.info.defaults)
         validate_request(req, self.repo.info.embedding_size, self.config.limits,
                          token_counts=self.repo.token_counts, max_tokens=ENCODER_MAX_TOKENS,
                          prompts=self.repo.prompts)
-        return req
+        return req, self.repo.chunker.plan(req, self.config.max_chunks_per_doc, self.config.limits.max_chunks)
 
     def refused(self, error: ServiceError, request_id: str, api: str, started: float | None = None) -> None:
         """Count and log a request an API refused before :meth:`rank` (its JSON shape, its size)."""
@@ -207,7 +214,8 @@ class RankingService:
         log.info("request %s %s %s in %.1f ms%s%s", request_id, api, status, (time.perf_counter() - started) * 1e3,
                  said, f" [{detail}]" if detail else "")
 
-    async def _rank(self, req: RerankRequest, timings: Timings, deadline: float | None) -> RerankResult:
+    async def _rank(self, req: RerankRequest, plan: ChunkPlan, timings: Timings,
+                    deadline: float | None) -> RerankResult:
         """Embeddings and windows through Triton: one pe_llm call per window, any ready Triton each time.
 
         Cancellation (the client left) cancels this coroutine, and with it the Triton call in
@@ -218,7 +226,7 @@ class RankingService:
         embedder = WindowEmbeddings(TritonEncoder(client), self.config.embedding_mode, self.cache,
                                     batch=self.repo.max_batch or 64)
         reranker = Reranker(embedder, TritonWindowBackend(client, deadline), self.repo.prompts)
-        return await asyncio.wait_for(reranker.rerank(req, timings), timeout)
+        return await asyncio.wait_for(reranker.rerank(req, timings, plan), timeout)
 
 
 _DEADLINE_SLACK_S = 0.05  # gRPC's deadline timer may fire a little before our clock says so
@@ -256,4 +264,6 @@ class RankerService(pb_grpc.RankerServicer):
             max_queued_requests=c.max_queued, max_queue_wait_ms=round(c.max_queue_wait_s * 1e3),
             max_request_ms=round(c.max_request_s * 1e3), max_text_bytes=c.limits.max_text_bytes,
             default_prerank=info.defaults.prerank, default_depth=info.defaults.depth,
+            default_max_chunks_per_doc=c.max_chunks_per_doc, max_chunks=c.limits.max_chunks,
+            chunk_tokens=self.ranking.repo.chunker.chunk_tokens,
         )

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 from pathlib import Path
 
+from ..core.chunking import DEFAULT_MAX_CHUNKS, DEFAULT_MAX_CHUNKS_PER_DOC, MAX_CHUNKS_PER_DOC
 from ..core.embeddings import EMBEDDING_MODES
 from .app import ServiceConfig
 from ..core.errors import UserError
@@ -21,10 +22,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--http-port", type=int, default=None,
-                   help="serve the HTTP APIs (TEI POST /rerank, Cohere/Jina POST /v1/rerank and /v2/rerank, "
-                        "/health, /info, /openapi.json) on this port; off by default")
+                   help="serve the HTTP APIs (TEI and vLLM POST /rerank, Cohere/Jina POST /v1/rerank and /v2/rerank, "
+                        "Infinity POST /infinity/rerank, NVIDIA NIM POST /v1/ranking, GET /v1/models, /health, "
+                        "/info, /openapi.json) on this port; off by default")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port")
     p.add_argument("--max-passages", type=int, default=1000)
+    chunks = p.add_argument_group("long passages, ranked as chunks of at most 512 encoder tokens")
+    chunks.add_argument("--max-chunks-per-doc", type=int, default=DEFAULT_MAX_CHUNKS_PER_DOC,
+                        help="chunks of one passage when the request does not say (Cohere's max_chunks_per_doc); "
+                             f"1: cut at the encoder's limit, as the reference (default {DEFAULT_MAX_CHUNKS_PER_DOC})")
+    chunks.add_argument("--max-chunks", type=int, default=DEFAULT_MAX_CHUNKS,
+                        help=f"passages ranked per request once long ones are split (default {DEFAULT_MAX_CHUNKS})")
     adm = p.add_argument_group("admission (all APIs together; size them with `pe-rank bench`)")
     adm.add_argument("--max-concurrent", type=int, default=8,
                      help="requests ranked at once (default 8)")
@@ -84,6 +92,9 @@ def cli_main(argv: list[str]) -> int:
             or args.max_text_mb <= 0:
         raise UserError("--max-concurrent must be >= 1; --max-queued, --max-queue-wait and --max-request-time >= 0; "
                         "--max-text-mb > 0")
+    if not 1 <= args.max_chunks_per_doc <= MAX_CHUNKS_PER_DOC or args.max_chunks < args.max_passages:
+        raise UserError(f"--max-chunks-per-doc must be in [1, {MAX_CHUNKS_PER_DOC}]; --max-chunks at least "
+                        f"--max-passages ({args.max_passages})")
     if args.triton_max_failures < 1 or args.triton_backoff < 0 or args.triton_stable < 0:
         raise UserError("--triton-max-failures must be >= 1, --triton-backoff and --triton-stable >= 0")
     auth = _auth_options(args)
@@ -97,6 +108,7 @@ def cli_main(argv: list[str]) -> int:
         max_text_bytes=int(args.max_text_mb * (1 << 20)), cache_size=args.cache_size,
         embedding_mode=args.embeddings, metrics_port=args.metrics_port, tls_cert=args.tls_cert,
         tls_key=args.tls_key, grace_s=args.grace, http_port=args.http_port,
+        max_chunks_per_doc=args.max_chunks_per_doc, max_chunks=args.max_chunks,
     )
     if config.triton_urls:
         return asyncio.run(serve_until_signalled(config, auth))

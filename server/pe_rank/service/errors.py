@@ -1,6 +1,6 @@
 """The service's typed errors and their one mapping to gRPC and HTTP statuses.
 
-Every API (pe_rank.v1 and tei.v1 over gRPC, TEI and Cohere/Jina over HTTP) raises these and
+Every API (pe_rank.v1 and tei.v1 over gRPC, TEI, Cohere/Jina, vLLM, Infinity and NIM over HTTP) raises these and
 answers them through :func:`grpc_status` or :func:`http_status`, so one fault gets one status
 and one message everywhere. Messages are short, stable and end with the request id; what
 went wrong inside (Triton URLs, exception types) goes to the log only.
@@ -138,10 +138,10 @@ def grpc_status(error: ServiceError) -> grpc.StatusCode:
 
 
 def http_status(error: ServiceError, request_id: str) -> tuple[int, dict, dict[str, str]]:
-    """Status, JSON body (TEI's ``error``/``error_type``, Cohere's ``message``, the field) and headers
-    (``Retry-After`` in whole seconds on 429)."""
+    """Status, JSON body (TEI's ``error``/``error_type``, Cohere's and NIM's ``message``, NIM's ``object``,
+    the field) and headers (``Retry-After`` in whole seconds on 429)."""
     text = error.text(request_id)
-    body = {"error": text, "error_type": error.kind, "message": text, "request_id": request_id}
+    body = {"error": text, "error_type": error.kind, "message": text, "object": "error", "request_id": request_id}
     if error.field:
         body["field"] = error.field
     headers = {"Retry-After": str(math.ceil(error.retry_after_s))} if isinstance(error, Overloaded) else {}

@@ -21,6 +21,11 @@ class Metrics:
         self.cached_prompt_tokens = Counter("pe_rank_prompt_tokens_cached",
                                             "Prompt tokens taken from the prompt-head cache, not prefilled", registry=r)
         self.windows = Counter("pe_rank_windows", "Ranking windows run", registry=r)
+        self.chunked = Counter("pe_rank_chunked_passages", "Passages over the encoder's limit ranked as chunks",
+                               registry=r)
+        self.tokens_cut = Counter("pe_rank_passage_tokens_cut",
+                                  "Passage text tokens not read (past max_tokens_per_doc or max_chunks_per_doc)",
+                                  registry=r)
         self.cache_hits = Counter("pe_rank_embedding_cache_hits", "Passages embedded from the cache", registry=r)
         self.unauthenticated = Counter("pe_rank_unauthenticated_requests",
                                        "Calls refused with UNAUTHENTICATED, by reason (missing or invalid API key)",
@@ -37,3 +42,5 @@ class Metrics:
         self.cached_prompt_tokens.inc(result.stats.cached_prompt_tokens)
         self.windows.inc(result.stats.windows)
         self.cache_hits.inc(result.cache_hits)
+        self.chunked.inc(result.chunking.chunked_passages)
+        self.tokens_cut.inc(result.chunking.tokens_cut)

@@ -146,7 +146,8 @@ async def serve_until_signalled(config: ServiceConfig, auth: AuthOptions | None 
           f"  pe-rank rerank --server {config.host}:{server.port} --input examples/dl19_request.json", flush=True)
     if server.http_port is not None:
         scheme = "https" if config.tls_cert else "http"
-        print(f"HTTP APIs (TEI /rerank, Cohere/Jina /v1/rerank and /v2/rerank) on "
+        print(f"HTTP APIs (TEI and vLLM /rerank, Cohere/Jina /v1/rerank and /v2/rerank, Infinity /infinity/rerank, "
+              f"NVIDIA NIM /v1/ranking) on "
               f"{scheme}://{config.host}:{server.http_port}; OpenAPI at /docs and /openapi.json", flush=True)
     await stop.wait()
     if fatal:
