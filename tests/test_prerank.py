@@ -249,3 +249,24 @@ def rank_inputs(query: str, texts: list[str], **options) -> list[tclient.InferIn
     if "DEPTH" in options:
         inputs.append(tensor("DEPTH", np.array([options["DEPTH"]], dtype=np.int32), "INT32"))
     return inputs
+
+
+def test_the_pre_rank_and_depth_count_the_chunks_of_a_long_passage(ranker):
+    """A passage over 512 encoder tokens is ranked as its chunks: the pre-rank orders chunks, PE-Rank reorders
+    the top `depth` chunks, and each passage takes its best chunk's place (folding is tested in test_chunking)."""
+    case = next(c for c in CASES if len(c["request"]["passages"]) >= 8)
+    request = request_of(case)
+    long_text = " ".join(p.text for p in request.passages)  # every passage's words: well over 512 tokens
+    passages = (Passage("long", long_text),) + request.passages[:7]
+    request = RerankRequest(request.query, passages, window_size=4, stride=2, prerank=True, depth=6)
+    plan = ranker.validate(request)
+    chunks = plan.ranked.passages
+    assert len(chunks) > len(passages)  # the long passage was split
+    cosine = cosine_order(ranker.model.encode([request.query])[0], ranker.model.encode([c.text for c in chunks]))
+    head = [chunks[i] for i in cosine[:6]]
+    head_order = ranker.rank_sync(RerankRequest(request.query, tuple(head), 4, 2, prerank=False, depth=0))
+    by_id = {c.id: k for k, c in enumerate(head)}
+    chunk_order = [cosine[by_id[r.id]] for r in head_order.ranking] + cosine[6:]
+    want, _ = plan.fold(chunk_order)
+    result = ranker.rank_sync(request)
+    assert [r.index for r in result.ranking] == want and result.depth == 6 and result.chunking.chunks == len(chunks)
