@@ -65,7 +65,8 @@ def test_concurrent_windows_decode_as_alone_in_shared_steps(model, dl19, mode, e
         engine.close()
     assert [(o.order, o.decode_steps) for o in outcomes] == want
     assert all(sorted(o.order) == list(range(len(j.embeds))) for o, j in zip(outcomes, jobs))
-    assert sum(recorder.batches) == sum(steps for _, steps in want)
+    # every step ran once, but those of windows restarted alone after a near-tie in a batched step
+    assert sum(recorder.batches) == sum(steps for _, steps in want) + engine.redone_steps
     if mode is Mode.FULL:
         assert max(recorder.batches) > 1, "the engine never batched steps of concurrent windows"
     assert recorder.statuses == ["done"] * len(jobs) and engine.live == 0

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CONFORMANCE, decode_alone
+from conftest import CONFORMANCE, conformance_cases, decode_alone
 from pe_rank.core.errors import EngineUnavailable
 from pe_rank.core.ranker import WindowJob
 from pe_rank.runtime.engine import DecodeEngine, EngineBackend, EngineLimits
@@ -365,3 +365,77 @@ def test_closing_answers_queued_and_live_windows_unavailable(model):
     engine.close()
     assert answered.wait(30)
     assert any(isinstance(r, EngineUnavailable) for r in results)  # the queued ones at least
+
+
+# ---- rankings under load are the rankings alone
+
+
+def test_a_window_whose_prefill_spans_batched_steps_ranks_as_alone(model):
+    """A batched step computes every row below its top, the rows of windows still prefilling too: their
+    throw-away keys must not land inside the prompt already written (a fresh slot's position 0 did).
+    The reference is the same chunked prefill with no step in between."""
+    ids, embeds = window(model, 12, seed=3)
+
+    def decode(neighbours: bool) -> list[np.ndarray]:
+        pool = PoolStepper(stepper_for(model), slots=4, max_len=1024, max_passages=32)
+        for slot, seed in ((1, 1), (2, 2)):
+            into_pool(pool, slot, *window(model, 6, seed))
+        prefill = pool.begin(0, ids, embeds)
+        pool.advance(prefill, 5)
+        if neighbours:
+            pool.step([1, 2])  # rows 0..2: slot 0 is mid-prefill
+        pool.advance(prefill, prefill.remaining)
+        scores = [pool.finish(prefill)[1]]
+        scores += [pool.step([0]).scores[0] for _ in range(6)]
+        return scores
+
+    for got, want in zip(decode(neighbours=True), decode(neighbours=False)):
+        np.testing.assert_array_equal(got, want)
+
+
+def submitted_together(engine: DecodeEngine, jobs: list[WindowJob]):
+    """Every job queued before the engine's next turn, so the first step batches them all."""
+    async def go():
+        backend = EngineBackend(engine)
+        with engine._wake:  # the engine thread waits on this lock for new windows
+            futures = [asyncio.ensure_future(backend.rank_window(j)) for j in jobs]
+            await asyncio.sleep(0)  # each future submits on its first step, inside the lock
+        return await asyncio.gather(*futures)
+
+    return asyncio.run(asyncio.wait_for(go(), 120))
+
+
+def test_a_near_tie_in_a_batched_step_restarts_the_window_alone_and_ranks_as_alone(model):
+    """With a margin no gap passes, every window's first batched decision is a near-tie: each is prefilled
+    again and decoded alone, and ranks exactly as decoded alone."""
+    stepper = stepper_for(model)
+    jobs = [job(model, n, seed) for seed, n in enumerate((12, 3, 7, 10, 5))]
+    engine = DecodeEngine(stepper, tie_margin=1e9, limits=EngineLimits(max_live=8, prefill_budget=4096))
+    try:
+        outcomes = submitted_together(engine, jobs)
+    finally:
+        engine.close()
+    assert engine.restarts == len(jobs)
+    for outcome, j in zip(outcomes, jobs):
+        assert outcome.order == decode_alone(stepper, j)[0]
+
+
+def test_concurrent_requests_of_near_tied_passages_rank_as_each_alone():
+    """tiny-b has passages whose scores differ by less than a batched step's float noise: sixteen
+    concurrent requests through one engine give the original's rankings, not a batch's."""
+    from pe_rank.runtime.inprocess import in_process_reranker
+    from test_conformance import request_of
+
+    tiny_b = load_model(CONFORMANCE / "tiny-b")
+    reranker = in_process_reranker(tiny_b)
+    cases = [c for name, _, c in conformance_cases() if name == "tiny-b"]
+    jobs = [cases[i % len(cases)] for i in range(16)]
+
+    async def go():
+        return await asyncio.gather(*(reranker.rerank(request_of(c)) for c in jobs))
+
+    try:
+        results = asyncio.run(asyncio.wait_for(go(), 300))
+    finally:
+        tiny_b.engine.close()
+    assert [[r.id for r in res.ranking] for res in results] == [c["expected_ranking"] for c in jobs]

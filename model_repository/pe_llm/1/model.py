@@ -18,7 +18,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from pe_rank.core.errors import InvalidRequest
-from pe_rank.triton_backend.config_check import check_config, integer, one_of, require_response_sender
+from pe_rank.triton_backend.config_check import check_config, integer, number, one_of, require_response_sender
 from pe_rank.triton_backend.utils import cpu_threads, device_of, input_array, model_dir, parameters, triton_error
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -30,7 +30,8 @@ class TritonPythonModel:
         check_config(args, "pe_llm", parameters={
             "head_cache": integer(0), "max_live_windows": integer(1), "max_window_tokens": integer(1),
             "max_window_passages": integer(1), "prefill_budget": integer(1), "torch_threads": integer(0),
-            "step_batching": one_of("on", "off", default="on"), "cuda_graphs": one_of("on", "off", default="off")})
+            "step_batching": one_of("on", "off", default="on"), "cuda_graphs": one_of("on", "off", default="off"),
+            "tie_margin": number(0)})
         import torch
 
         from pe_rank.core.checkpoint import read_checkpoint_info
@@ -59,7 +60,8 @@ class TritonPythonModel:
                               prefill_budget=int(params.get("prefill_budget", 512)))
         self.engine = DecodeEngine(stepper, observer=self.metrics, limits=limits,
                                    batch_steps=params.get("step_batching", "on") != "off",
-                                   graphs=params.get("cuda_graphs", "off") == "on")
+                                   graphs=params.get("cuda_graphs", "off") == "on",
+                                   tie_margin=float(params["tie_margin"]) if "tie_margin" in params else None)
         self.metrics.on_warm_up(warm_up(self.engine, prompts))  # before Triton reports the model ready
         self.model_name = args["model_name"]
 

@@ -137,6 +137,19 @@ class WindowDecoder:
         self.decode_steps += 1
         return pick
 
+    def margin(self, scores: np.ndarray) -> float:
+        """The smallest score gap that decides the next ``feed``: the pick against the runner-up, or,
+        when that feed decides the window, every gap of the order it writes (inf: nothing to decide).
+
+        A gap below the numeric noise of how ``scores`` were computed could flip the decision.
+        """
+        rest = np.sort(np.asarray(scores, dtype=np.float64)[self.remaining])[::-1]
+        if len(rest) < 2:
+            return float("inf")
+        finishes = self.mode is Mode.FIRST or len(rest) <= 2 or len(self.order) + 1 >= self.emit
+        gaps = rest[:-1] - rest[1:] if finishes else rest[:1] - rest[1:2]
+        return float(gaps.min())
+
     def _finish(self, scores: np.ndarray) -> None:
         self.order += _descending(scores, np.flatnonzero(self.remaining))
         self.done = True

@@ -11,6 +11,13 @@ decided. Each turn of the loop:
 3. drops windows whose caller left (``is_cancelled``) and frees their slots;
 4. advances every live window by one decode step in ONE batched forward over the pool.
 
+Rankings under load are the rankings alone. A batched step's scores differ from a lone step's by
+float noise (other GEMM shapes, masked attention over padded keys; ~1e-5 of scores up to ~10 in
+float32), enough to flip a near-tie. So when a batched step leaves a window a decision whose score
+gap is within ``tie_margin`` (relative to its largest score), the window is not fed: it is
+prefilled again and decoded alone to its end, bit-identical to the same window with no other load
+(and so to the original PE-Rank). Each window restarts at most once; ``restarts`` counts them.
+
 The device picks each window's next passage; its :class:`~pe_rank.core.ranker.WindowDecoder`
 checks the pick on the host (the rule is written once, there) and says when the window is
 decided, and the window is answered at once. There is no batching delay: at one window a step
@@ -68,6 +75,8 @@ class EngineObserver(Protocol):
 
     def on_live(self, live: int) -> None: ...
 
+    def on_restart(self) -> None: ...
+
 
 class NoObserver:
     """An observer may implement any of the hooks; the engine calls those it has."""
@@ -95,23 +104,37 @@ class _Window:
     state: WindowState | None = None  # that cache
     pick: int = -1                    # the passage fed at the next step (overflow windows)
     outcome: WindowOutcome = field(default_factory=lambda: WindowOutcome(order=[]))
+    alone: bool = False               # restarted after a near-tie in a batched step: steps alone from now
     started: float = 0.0
     decode_started: float = 0.0
 
 
+def default_tie_margin(dtype) -> float:
+    """Relative score gaps below which a batched step's decision is redone alone: well above the
+    batched-vs-lone noise measured in float32 (~2e-6 relative), and a few bf16/fp16 ulps."""
+    import torch
+
+    return 1e-4 if dtype == torch.float32 else 3e-2
+
+
 class DecodeEngine:
     def __init__(self, stepper: TorchStepper, max_live: int = 64, observer: EngineObserver | None = None,
-                 batch_steps: bool = True, limits: EngineLimits | None = None, graphs: bool = False) -> None:
-        """``batch_steps=False``: every window steps alone, bit-identical to a lone request.
+                 batch_steps: bool = True, limits: EngineLimits | None = None, graphs: bool = False,
+                 tie_margin: float | None = None) -> None:
+        """``batch_steps=False``: every window steps alone (no restarts needed, no batching gain).
 
-        Batched steps differ from lone ones by float noise (~1e-5 of scores up to ~10), which can flip
-        a near-tie between two passages, so a ranking under load may differ from the same request
-        alone; windows still interleave, only the batching gain is lost.
+        ``tie_margin`` (default :func:`default_tie_margin`; 0 turns the guard off, and a near-tie may
+        then rank differently under load than alone): see the module's docstring.
         """
         limits = limits or EngineLimits(max_live=max_live)
         if min(limits.max_live, limits.max_tokens, limits.max_passages, limits.prefill_budget) < 1:
             raise ValueError("max_live, max_tokens, max_passages and prefill_budget must be at least 1")
         self.stepper, self.limits, self.batch_steps = stepper, limits, batch_steps
+        self.tie_margin = default_tie_margin(stepper.dtype) if tie_margin is None else float(tie_margin)
+        if not self.tie_margin >= 0:
+            raise ValueError("tie_margin must be a number >= 0")
+        self.restarts = 0  # windows redone alone after a near-tie in a batched step
+        self.redone_steps = 0  # the steps those windows had run before
         self.observer = observer or NoObserver()
         self.pool = PoolStepper(stepper, limits.max_live, limits.max_tokens, limits.max_passages, graphs=graphs)
         self.slots: list[_Window | None] = [None] * limits.max_live
@@ -278,12 +301,15 @@ class DecodeEngine:
     def _step(self) -> None:
         """One decode step for every live window: the pool's in one forward (batching on), the rest alone."""
         windows = self._decoding()
-        pooled = [w for w in windows if not w.own_cache]
-        if self.batch_steps and len(pooled) > 1:
-            self._pool_step(pooled)
+        together = [w for w in windows if not w.own_cache and not w.alone]
+        alone = [w for w in windows if w.alone]  # before the batched step, which may restart some
+        if self.batch_steps and len(together) > 1:
+            self._pool_step(together)
         else:
-            for window in pooled:
+            for window in together:
                 self._pool_step([window])
+        for window in alone:
+            self._pool_step([window])
         for window in windows:
             if window.own_cache:
                 self._own_step(window)
@@ -300,7 +326,26 @@ class DecodeEngine:
             return
         self._observe("on_step", len(windows))
         for window, pick, scores in zip(windows, result.picks, result.scores):
-            self._advance(window, scores, pick)
+            if len(windows) > 1 and self._near_tie(window, scores):
+                self._restart_alone(window)
+            else:
+                self._advance(window, scores, pick)
+
+    def _near_tie(self, window: _Window, scores: np.ndarray) -> bool:
+        if self.tie_margin == 0 or not np.all(np.isfinite(scores)):
+            return False  # non-finite scores fail in the rule, batched or not
+        scale = max(1.0, float(np.abs(scores).max()))
+        return window.decoder.margin(scores) <= self.tie_margin * scale
+
+    def _restart_alone(self, window: _Window) -> None:
+        """Prefill the window again (first in line) and decode it alone: its ranking is then the lone one."""
+        self.restarts += 1
+        self.redone_steps += window.decoder.decode_steps
+        log.debug("slot %d: a near-tie after a batched step; the window restarts alone", window.slot)
+        self.pool.free(window.slot)
+        window.alone, window.decoder, window.prefill = True, None, None
+        self._prefilling.appendleft(window)
+        self._observe("on_restart")
 
     def _own_step(self, window: _Window) -> None:
         try:

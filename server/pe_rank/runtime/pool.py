@@ -103,7 +103,9 @@ class KVPool:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.passages = torch.zeros(slots, max_passages, config.hidden_size, dtype=dtype, device=device)
         self.remaining = torch.zeros(slots, max_passages, dtype=torch.bool, device=device)
-        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
+        # a slot not decoding parks at the last position: a batched step computes every row below its top,
+        # and a parked row's throw-away key lands where no prefill writes (a prompt leaves room for a passage)
+        self.lengths = torch.full((slots,), max_len - 1, dtype=torch.long, device=device)
         self.next_input = torch.zeros(slots, config.hidden_size, dtype=dtype, device=device)
         self.live = torch.zeros(slots, dtype=torch.bool, device=device)
         self.slots, self.max_len, self.max_passages = slots, max_len, max_passages
@@ -156,6 +158,7 @@ class PoolStepper:
             raise InvalidRequest("PROMPT_IDS", f"a window of {len(ids)} prompt tokens and {n} passages does not fit "
                                                f"a slot of {pool.max_len} tokens and {pool.max_passages} passages")
         pool.live[slot] = False
+        pool.lengths[slot] = pool.max_len - 1  # parked while its prefill spans turns with batched steps
         cache = pool.cache(slot)
         head, from_cache = self.stepper.heads.fill(cache, np.asarray(prompt_ids, dtype=np.int64), inputs, n)
         pool.passages[slot, :n] = embeds
@@ -187,6 +190,7 @@ class PoolStepper:
 
     def free(self, slot: int) -> None:
         self.pool.live[slot] = False
+        self.pool.lengths[slot] = self.pool.max_len - 1
         self.pool.remaining[slot] = False
         self.pool.count[slot] = 0
 

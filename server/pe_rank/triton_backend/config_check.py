@@ -12,6 +12,7 @@ Plain dicts and json only: this runs inside Triton, where only the core install 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -145,6 +146,20 @@ def integer(minimum: int) -> Callable[[str | None], str | None]:
         except ValueError:
             return f"{value!r} is not an integer"
         return None if number >= minimum else f"{number} is below {minimum}"
+
+    return check
+
+
+def number(minimum: float) -> Callable[[str | None], str | None]:
+    """Absent is fine (the model's default); present must be a finite number >= minimum."""
+    def check(value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            got = float(value)
+        except ValueError:
+            return f"{value!r} is not a number"
+        return None if math.isfinite(got) and got >= minimum else f"{value} is not a number >= {minimum}"
 
     return check
 

@@ -27,8 +27,10 @@ class TritonEngineMetrics:
                    kind=family.GAUGE),
             family(name="pe_llm_prefill_tokens_total", description="Prompt tokens prefilled (chunks within the budget)",
                    kind=family.COUNTER),
+            family(name="pe_llm_tie_restarts_total",
+                   description="Windows decoded again alone after a near-tie in a batched step", kind=family.COUNTER),
         ]
-        live, batch, steps, prompt, cached, windows, warm, prefill = self._families
+        live, batch, steps, prompt, cached, windows, warm, prefill, restarts = self._families
         self.live = live.Metric(labels=labels)
         self.batch = batch.Metric(labels=labels, buckets=STEP_BATCH_BUCKETS)
         self.steps = steps.Metric(labels=labels)
@@ -37,6 +39,7 @@ class TritonEngineMetrics:
         self.windows = {s: windows.Metric(labels={**labels, "status": s}) for s in WINDOW_STATUSES}
         self.warm = warm.Metric(labels=labels)
         self.prefill = prefill.Metric(labels=labels)
+        self.restarts = restarts.Metric(labels=labels)
 
     def on_step(self, batch: int) -> None:
         self.batch.observe(float(batch))
@@ -53,6 +56,9 @@ class TritonEngineMetrics:
 
     def on_prefill(self, tokens: int) -> None:
         self.prefill.increment(float(tokens))
+
+    def on_restart(self) -> None:
+        self.restarts.increment(1.0)
 
     def on_warm_up(self, seconds: float) -> None:
         self.warm.set(float(seconds))
