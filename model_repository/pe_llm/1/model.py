@@ -28,7 +28,8 @@ class TritonPythonModel:
     def initialize(self, args):
         require_response_sender(pb_utils, args["model_name"])
         check_config(args, "pe_llm", parameters={"head_cache": integer(0), "max_live_windows": integer(1),
-                                                 "step_batching": one_of("on", "off", default="on")})
+                                                 "step_batching": one_of("on", "off", default="on"),
+                                                 "test_hold_windows": integer(0)})
         import torch
 
         from pe_rank.core.checkpoint import read_checkpoint_info
@@ -52,6 +53,10 @@ class TritonPythonModel:
         self.metrics = TritonEngineMetrics(pb_utils, args["model_name"])
         self.engine = DecodeEngine(stepper, max_live=int(params.get("max_live_windows", 64)), observer=self.metrics,
                                    batch_steps=params.get("step_batching", "on") != "off")
+        # test-only (never exported): hold windows until N arrive, so tests see them decoded together
+        from pe_rank.triton_backend.hold import PARAMETER, WindowHold
+
+        self.submit = WindowHold(self.engine.submit, int(params.get(PARAMETER, 0)))
 
     def execute(self, requests):
         for request in requests:
@@ -61,8 +66,8 @@ class TritonPythonModel:
             except Exception as exc:  # this request's error only
                 sender.send(_error(exc), flags=FINAL)
                 continue
-            self.engine.submit(job, lambda result, sender=sender: sender.send(_response(result), flags=FINAL),
-                               sender.is_cancelled)
+            self.submit(job, lambda result, sender=sender: sender.send(_response(result), flags=FINAL),
+                        sender.is_cancelled)
         return None  # every response goes through its sender, from the engine thread
 
     @staticmethod
@@ -82,6 +87,7 @@ class TritonPythonModel:
                          emit=0 if emit is None else int(emit.reshape(-1)[0]))
 
     def finalize(self):
+        self.submit.release()
         self.engine.close()
 
 
