@@ -64,3 +64,26 @@ def test_rerank_bad_requests(cli_model, tmp_path, body, needle):
     proc = run("rerank", "--model", str(cli_model), "--input", str(req))
     assert proc.returncode == 2
     assert needle in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_example_request_shows_its_text_as_written(cli_model, tmp_path):
+    """examples/dl19_request.json holds clean UTF-8 (MS MARCO's own texts carry mojibake such as "Â¼" for "¼";
+    the example's were repaired), read as UTF-8 whatever the locale, and the table shows it as is."""
+    import os
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "dl19_request.json"
+    body = json.loads(example.read_text(encoding="utf-8"))
+    texts = [p["text"] for p in body["passages"]]
+    assert not [t for t in texts if "Â" in t or "â\x80" in t], "mojibake in the example"
+    assert any("¼-inch" in t for t in texts)
+    proc = subprocess.run([sys.executable, "-m", "pe_rank", "rerank", "--model", str(cli_model), "--input",
+                           str(example)], capture_output=True, timeout=300,
+                          env={**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONIOENCODING": "utf-8"})
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    table = proc.stdout.decode("utf-8")
+    assert "Â" not in table and len(table.strip().splitlines()) == 1 + (body.get("top_n") or len(texts)) + 1
+    latin1 = tmp_path / "latin1.json"
+    latin1.write_bytes('{"query": "caf\xe9", "passages": [{"id": "a", "text": "x"}]}'.encode("latin-1"))
+    refused = run("rerank", "--model", str(cli_model), "--input", str(latin1))
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr and "utf-8" in refused.stderr

@@ -126,3 +126,49 @@ def test_cli_eval_errors_are_one_line(tmp_path):
     )
     assert proc.returncode == 2 and "error: mode text is only available in-process" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# ---- the demo's figures in the README are the committed runs' scores
+
+RESULTS = DATA.parents[1] / "bench" / "results"
+DEMO_RUNS = {20: "20261207-eval-demo-dl19-top20", 100: "20261207-eval-demo-dl19-top100"}
+
+
+def _readme_figure(pattern: str) -> float:
+    import re
+
+    text = (DATA.parents[1] / "README.md").read_text()
+    found = re.search(pattern, text)
+    assert found, f"the README no longer states {pattern!r}"
+    return float(found.group(1))
+
+
+@pytest.mark.parametrize("top_k", sorted(DEMO_RUNS))
+def test_the_readme_demo_figures_are_what_the_committed_runs_score(top_k):
+    """The demo's DL19 NDCG@10 and RR@10 in the README are the scores of the run files `pe-rank eval` wrote
+    (bench/results/, with the command in the .json next to them), recomputed here with the harness; and the
+    run was made with the shipped trained weights (their SHA-256 is recorded): new weights need a new run."""
+    import hashlib
+
+    run = RESULTS / f"{DEMO_RUNS[top_k]}.run"
+    provenance = json.loads((RESULTS / f"{DEMO_RUNS[top_k]}.json").read_text())
+    rankings: dict[str, list[str]] = {}
+    for line in run.read_text().splitlines():
+        qid, _, docid, rank, _, _ = line.split()
+        rankings.setdefault(qid, []).append(docid)
+        assert int(rank) == len(rankings[qid])
+    assert len(rankings) == 43 and {len(d) for d in rankings.values()} == {top_k}
+    metrics, _ = score(load_qrels(QRELS), rankings)
+    assert round(metrics["nDCG@10"], 4) == provenance["report"]["metrics"]["nDCG@10"]
+    assert round(metrics["RR@10"], 4) == provenance["report"]["metrics"]["RR@10"]
+    if top_k == 20:
+        readme = (_readme_figure(r"reordering BM25's top-20: \*\*(0\.\d{4})\*\*"),
+                  _readme_figure(r"RR@10 (0\.\d{3,4}) is still below BM25"))
+    else:
+        readme = (_readme_figure(r"Reordering the top-100 it falls to (0\.\d{4})"),
+                  _readme_figure(r"\| same model, reordering the BM25 \*\*top-100\*\* .*?RR@10 (0\.\d{4})"))
+    assert (round(metrics["nDCG@10"], 4), round(metrics["RR@10"], len(str(readme[1])) - 2)) == readme
+    shipped = DATA.parents[1] / "server" / "pe_rank" / "models" / "demo_trained"
+    assert provenance["demo_trained_sha256"] == {
+        str(p.relative_to(shipped)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(shipped.rglob("*.safetensors"))}, "the shipped demo weights changed since this run"

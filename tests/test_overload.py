@@ -15,7 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import triton_metric
-from test_server import LIVE, Service, _settles_to, big_request, thousand
+from test_server import LIVE, LLM_CALLS, PENDING_LLM, Service, _settles_to, big_request, thousand
 from pe_rank.client import AsyncRankerClient
 from pe_rank.v1 import ranker_pb2 as pb
 from pe_rank.v1 import ranker_pb2_grpc as pb_grpc
@@ -62,8 +62,10 @@ async def _timed(client: AsyncRankerClient, msg: pb.RerankRequest) -> tuple[str,
 
 
 def test_an_overload_burst_is_refused_at_once_and_the_admitted_keep_their_latency(small, dl19):
-    """12 clients at once on 2 slots: 10 fast refusals with a retry hint; the 2 admitted run about as
-    fast as one alone (before admission, 16 clients made every request 14x slower)."""
+    """12 clients at once on 2 slots: 10 refusals with a retry hint (both trailers), each back before any admitted
+    request is done; the 2 admitted run about as fast as one alone (before admission, 16 clients made every
+    request 14x slower; the bound here, 4x the single-client time measured in this test, leaves room for a busy
+    machine; `pe-rank bench` measures the real ratio)."""
     requests = [big_request(dl19, 100, qi=20 + i) for i in range(12)]
 
     async def run():
@@ -79,9 +81,10 @@ def test_an_overload_burst_is_refused_at_once_and_the_admitted_keep_their_latenc
     refused = [(s, md) for code, s, md in burst if code == "RESOURCE_EXHAUSTED"]
     assert len(admitted) + len(refused) == len(burst), burst
     assert len(admitted) >= 2 and len(refused) >= 8, burst
-    assert max(s for s, _ in refused) < 1.0, "refusals must not wait"
+    assert max(s for s, _ in refused) < min(admitted), "refusals must not wait for a slot"
     assert all(int(md["grpc-retry-pushback-ms"]) > 0 for _, md in refused)
-    assert max(admitted) <= 2 * statistics.median(alone), (alone, admitted)
+    assert all(md["retry-after-ms"] == md["grpc-retry-pushback-ms"] for _, md in refused)
+    assert max(admitted) <= 4 * statistics.median(alone), (alone, admitted)
     refused_now = metric(small, 'pe_rank_requests_total{status="RESOURCE_EXHAUSTED"}')
     assert refused_now - refused_before == len(refused)
 
@@ -113,13 +116,14 @@ def test_the_server_bounds_a_request_without_a_deadline(tritons, exported, dl19)
     triton = tritons("tiny-a")
     service = Service(exported("tiny-a"), [triton.grpc_url], "--max-request-time", "0.5")
     try:
-        t0 = time.perf_counter()
+        before = triton_metric(triton, LLM_CALLS)
         with pytest.raises(grpc.RpcError) as err:
             service.client.rerank(thousand(dl19, 2))
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert time.perf_counter() - t0 < 5.0
-        _settles_to(lambda: triton_metric(triton, LIVE), 0, within=3.0)
-        assert metric(service, 'pe_rank_requests_total{status="DEADLINE_EXCEEDED"}') == 1
+        _settles_to(lambda: triton_metric(triton, LIVE), 0)
+        _settles_to(lambda: triton_metric(triton, PENDING_LLM), 0)
+        assert triton_metric(triton, LLM_CALLS) - before < 99 // 2, "the request ran on past --max-request-time"
+        _settles_to(lambda: metric(service, 'pe_rank_requests_total{status="DEADLINE_EXCEEDED"}'), 1)
     finally:
         service.stop()
 
@@ -130,7 +134,9 @@ def test_the_server_bounds_a_request_without_a_deadline(tritons, exported, dl19)
 def test_health_stays_fast_while_huge_requests_are_refused(small, dl19):
     """A 20 MB request is refused on its size before anything is tokenized; a request under the size limit
     with over-long texts and truncate=false is token-counted off the event loop. Health checks meanwhile
-    answer in under 100 ms (one 20 MB request took the loop for 7.4 s before)."""
+    answer in less than half the time that request took (one 20 MB request took the loop for 7.4 s before,
+    and a health check then waited about as long as the request; measured on an idle machine: under 25 ms
+    against 0.25 s)."""
     info = small.client.model_info()
     huge = pb.RerankRequest(query="q", truncate=False,
                             passages=[pb.Passage(id=str(i), text="lorem ipsum dolor " * 11_000) for i in range(100)])
@@ -139,16 +145,19 @@ def test_health_stays_fast_while_huge_requests_are_refused(small, dl19):
     long_texts = pb.RerankRequest(query="q", truncate=False,
                                   passages=[pb.Passage(id=str(i), text=words) for i in range(100)])
     outcomes: list[tuple[grpc.StatusCode, str]] = []
+    took: list[float] = []
     worst = 0.0
 
     def send() -> None:
         with grpc.insecure_channel(small.target, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
             for msg in (huge, long_texts):
+                t0 = time.perf_counter()
                 try:
-                    pb_grpc.RankerStub(channel).Rerank(msg, timeout=60)
+                    pb_grpc.RankerStub(channel).Rerank(msg, timeout=120)
                     outcomes.append((grpc.StatusCode.OK, ""))
                 except grpc.RpcError as exc:
                     outcomes.append((exc.code(), exc.details()))
+                took.append(time.perf_counter() - t0)
 
     with grpc.insecure_channel(small.target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
@@ -164,7 +173,7 @@ def test_health_stays_fast_while_huge_requests_are_refused(small, dl19):
     assert [code for code, _ in outcomes] == [grpc.StatusCode.INVALID_ARGUMENT] * 2, outcomes
     assert outcomes[0][1].startswith("passages: ") and "bytes of text exceed the limit" in outcomes[0][1]
     assert outcomes[1][1].startswith("passages[0].text: is over the 512 limit of encoder tokens")
-    assert worst < 0.1, f"a health check took {worst * 1e3:.0f} ms"
+    assert worst < took[1] / 2, f"a health check took {worst * 1e3:.0f} ms, the request {took[1] * 1e3:.0f} ms"
 
 
 # ---- codes and log lines
@@ -217,10 +226,10 @@ def test_a_client_deadline_is_logged_as_deadline_exceeded_and_a_cancel_as_cancel
             call.cancel()
 
     asyncio.run(cancel_midway())
-    _settles_to(lambda: metric(small, 'pe_rank_requests_total{status="CANCELLED"}') - before["CANCELLED"], 1,
-                within=5.0)
+    _settles_to(lambda: metric(small, 'pe_rank_requests_total{status="CANCELLED"}') - before["CANCELLED"], 1)
     # 18 of 20 deadlines were logged and counted as CANCELLED before
-    assert metric(small, 'pe_rank_requests_total{status="DEADLINE_EXCEEDED"}') - before["DEADLINE_EXCEEDED"] == 3
+    _settles_to(lambda: metric(small, 'pe_rank_requests_total{status="DEADLINE_EXCEEDED"}')
+                - before["DEADLINE_EXCEEDED"], 3)
     lines = small.output(tail=None).splitlines()
     assert len([line for line in lines if " DEADLINE_EXCEEDED in " in line]) >= 3
     assert len([line for line in lines if " CANCELLED in " in line]) >= 1

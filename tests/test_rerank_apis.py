@@ -135,7 +135,7 @@ def test_rerank_stream_reflection_and_info_with_grpcurl(service):
     info = subprocess.run([grpcurl, "-plaintext", service.target, "tei.v1.Info/Info"], capture_output=True,
                           text=True, timeout=30, check=True).stdout
     info = json.loads(info)
-    assert info["model_type"] == "MODEL_TYPE_RERANKER" and "1/rank" in info["model_id"]
+    assert info["model_type"] == "MODEL_TYPE_RERANKER" and info["model_id"] == "pe-rank/embed_mistral-bert"
     assert info["max_client_batch_size"] == 1000 and info["max_concurrent_requests"] == MAX_CONCURRENT
     assert info["tokenization_workers"] == 2  # the threads that convert and validate requests
 
@@ -153,6 +153,7 @@ def test_health_info_and_openapi(service):
     assert httpx.get(f"{service.base_url}/health").status_code == 200
     info = HttpClient(service.base_url, timeout=T).info()
     assert info.server_model_type is ModelType.Reranker and info.max_input_length == 512
+    assert info.server_model_id == "pe-rank/embed_mistral-bert"  # an id, as TEI's (e.g. BAAI/bge-reranker-base)
     spec = httpx.get(f"{service.base_url}/openapi.json").json()
     assert {"/rerank", "/v1/rerank", "/v2/rerank", "/health", "/info", "/infinity/rerank", "/v1/ranking",
             "/v1/retrieval/{model}/reranking", "/v1/models"} <= set(spec["paths"])
@@ -337,23 +338,23 @@ def test_over_max_concurrent_is_429_and_counted(service, dl19):
 
 def test_an_http_client_that_leaves_stops_its_ranking(service, tritons, dl19):
     """uvicorn runs a handler on after its client disconnected; the ranking must stop with the client, as a
-    cancelled gRPC call does: counted CANCELLED, and no window left in Triton."""
+    cancelled gRPC call does: counted CANCELLED, no window left in Triton, and the request's later windows
+    (about 100 of them) never sent."""
     from conftest import triton_metric
-    from test_server import LIVE
+    from test_server import LIVE, LLM_CALLS, PENDING_LLM, _settles_to
 
+    triton = tritons("tiny-a")
     texts = [h["content"] for q in dl19[:10] for h in q["hits"][:100]]  # 1000 texts: ~100 windows
     before = _metric(service, 'pe_rank_requests_total{status="CANCELLED"}')
+    calls_before = triton_metric(triton, LLM_CALLS)
     with pytest.raises(httpx.TimeoutException):
         httpx.post(f"{service.base_url}/rerank", json={"query": dl19[0]["query"], "texts": texts, "truncate": True},
                    timeout=1.0)
-    deadline = time.monotonic() + 5
-    while _metric(service, 'pe_rank_requests_total{status="CANCELLED"}') == before:
-        assert time.monotonic() < deadline, "the ranking ran on after its HTTP client left"
-        time.sleep(0.1)
-    while triton_metric(tritons("tiny-a"), LIVE) != 0:
-        assert time.monotonic() < deadline + 3, "a window of the abandoned request is still live in Triton"
-        time.sleep(0.1)
-    assert "tei-http CANCELLED" in service.output()
+    _settles_to(lambda: _metric(service, 'pe_rank_requests_total{status="CANCELLED"}') - before, 1)
+    _settles_to(lambda: triton_metric(triton, LIVE), 0)
+    _settles_to(lambda: triton_metric(triton, PENDING_LLM), 0)
+    assert triton_metric(triton, LLM_CALLS) - calls_before < 99 // 2, "the ranking ran on after its HTTP client left"
+    assert "tei-http CANCELLED" in service.output(tail=None)
 
 
 def _metric(service: Service, series: str) -> float:
@@ -381,13 +382,82 @@ def test_no_ready_triton_is_503_and_unavailable(exported):
                 break
             except httpx.TransportError:
                 time.sleep(0.3)
-        assert health.status_code == 503
+        assert health.status_code == 503 and int(health.headers["retry-after"]) >= 1
         response = httpx.post(f"http://127.0.0.1:{http_port}/rerank", json={"query": "q", "texts": ["a", "b"]})
         assert response.status_code == 503 and response.json()["error_type"] == "unhealthy"
+        assert int(response.headers["retry-after"]) >= 1  # as on 429: when to try again
         assert str(dead) not in response.text
         with pytest.raises(grpc.RpcError) as err:
             GrpcClient(f"127.0.0.1:{port}").rerank("q", ["a", "b"])
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE and str(dead) not in err.value.details()
+        trailers = dict(err.value.trailing_metadata() or ())
+        assert int(trailers["retry-after-ms"]) >= 1 and trailers["grpc-retry-pushback-ms"] == trailers["retry-after-ms"]
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_an_http_request_past_max_request_time_is_504(tritons, exported, dl19):
+    """HTTP has no deadline header: --max-request-time bounds a request, answered 504 with a JSON body, and its
+    windows stop in Triton."""
+    from conftest import triton_metric
+    from test_server import LIVE, LLM_CALLS, _settles_to
+
+    triton = tritons("tiny-a")
+    api = ApiService(exported("tiny-a"), [triton.grpc_url], "--max-request-time", "0.5")
+    try:
+        texts = [h["content"] for q in dl19[:10] for h in q["hits"][:100]]  # 1000 texts: ~100 windows
+        before = triton_metric(triton, LLM_CALLS)
+        for path, body in (("/rerank", {"query": dl19[0]["query"], "texts": texts, "truncate": True}),
+                           ("/v2/rerank", {"query": dl19[0]["query"], "documents": texts})):
+            response = httpx.post(api.base_url + path, json=body, timeout=120)
+            assert response.status_code == 504, response.text
+            assert response.json()["error_type"] == "deadline" and "deadline exceeded" in response.json()["error"]
+        _settles_to(lambda: triton_metric(triton, LIVE), 0)
+        assert triton_metric(triton, LLM_CALLS) - before < 99, "the requests ran on past --max-request-time"
+        assert _metric(api, 'pe_rank_requests_total{status="DEADLINE_EXCEEDED"}') == 2
+    finally:
+        api.stop()
+
+
+def test_tei_metadata_and_raw_scores(tritons, exported):
+    """TEI's gRPC Metadata: queue_time_ns (the wait for a slot: one slot, two requests at once), compute_tokens
+    (the LLM prompt tokens, as pe_rank.v1 reports them), and raw_scores accepted with scores still 1/rank."""
+    from tei_client import GrpcClient
+    from tei_client.stubs import tei_pb2, tei_pb2_grpc  # tei-client's own stubs: ours would clash in this process
+
+    http_port = free_port()
+    api = Service(exported("tiny-a"), [tritons("tiny-a").grpc_url], "--http-port", str(http_port),
+                  "--max-concurrent", "1", "--max-queued", "4")  # one slot: the second request waits
+    api.base_url = f"http://127.0.0.1:{http_port}"
+    case = CASES[-1]
+    query, texts = case["request"]["query"], texts_of(case)
+    try:
+        v1 = api.client.rerank(pb.RerankRequest(query=query, passages=[pb.Passage(id=str(i), text=t)
+                                                                        for i, t in enumerate(texts)]), timeout=T)
+
+        async def both():
+            async with grpc.aio.insecure_channel(api.target) as channel:
+                stub = tei_pb2_grpc.RerankStub(channel)
+                return await asyncio.gather(*(stub.Rerank(tei_pb2.RerankRequest(query=query, texts=texts,
+                                                                                raw_scores=True), timeout=T)
+                                              for _ in range(2)))
+
+        answers = asyncio.run(both())
+        asyncio.set_event_loop(asyncio.new_event_loop())  # asyncio.run() left none; tei-client's channel needs one
+        for answer in answers:
+            assert [r.index for r in answer.ranks] == expected_indices(case)
+            assert [r.score for r in answer.ranks] == pytest.approx([1 / (k + 1) for k in range(len(texts))])
+            assert answer.metadata.compute_tokens == v1.metadata.prompt_tokens > 0
+            assert answer.metadata.compute_chars == len(query) + sum(len(t) for t in texts)
+            assert answer.metadata.total_time_ns >= answer.metadata.inference_time_ns > 0
+        waits = sorted(a.metadata.queue_time_ns for a in answers)
+        # one slot: the second waited about as long as the first took to rank
+        assert waits[0] < waits[1] and waits[1] > 0.5 * min(a.metadata.inference_time_ns for a in answers)
+        raw = GrpcClient(api.target).rerank(query, texts, raw_scores=True)
+        assert [r.score for r in raw.ranks] == pytest.approx([1 / (k + 1) for k in range(len(texts))])
+        http = httpx.post(f"{api.base_url}/rerank", json={"query": query, "texts": texts, "raw_scores": True},
+                          timeout=T).json()
+        assert [r["score"] for r in http] == pytest.approx([1 / (k + 1) for k in range(len(texts))])
+    finally:
+        api.stop()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -35,6 +36,12 @@ from pe_rank.v1 import ranker_pb2_grpc as pb_grpc
 pytestmark = pytest.mark.triton
 
 
+# Admission for tests that do not test admission: enough slots and queue wait that a test's own load is never
+# refused, however slow the machine (the CLI's defaults, 8 slots and a 2 s wait, refused a test's 16 requests on a
+# busy machine). A test of admission passes its own flags after these, which argparse lets win.
+TEST_ADMISSION = ("--max-concurrent", "64", "--max-queued", "64", "--max-queue-wait", "300")
+
+
 class Service:
     """`pe-rank serve` as a subprocess, pointed at Triton servers we control."""
 
@@ -44,7 +51,7 @@ class Service:
         """No ``triton_urls``: the service starts (and supervises) its own embedded Triton."""
         self.port, self.metrics_port = free_port(), free_port()
         cmd = [sys.executable, "-m", "pe_rank", "serve", "--repository", str(repository), "--port", str(self.port),
-               "--metrics-port", str(self.metrics_port), "--grace", "5", *args]
+               "--metrics-port", str(self.metrics_port), "--grace", "5", *TEST_ADMISSION, *args]
         for url in triton_urls:
             cmd += ["--triton-url", url]
         self.log = tempfile.TemporaryFile(mode="w+")  # read back for failure messages, gone on close
@@ -107,6 +114,7 @@ def services(tritons, exported):
 
 LIVE = 'pe_llm_live_windows{model="pe_llm"}'
 LLM_CALLS = 'nv_inference_request_success{model="pe_llm",version="1"}'
+PENDING_LLM = 'nv_inference_pending_request_count{model="pe_llm",version="1"}'
 
 
 def triton_idle(triton: TritonServer) -> bool:
@@ -233,11 +241,16 @@ def test_sixteen_concurrent_requests_are_all_correct(services):
 
 
 def test_deadline_exceeded_leaves_no_window(services, tritons, dl19):
+    """A 1000-passage request (99 windows) past its deadline: no window is left live in Triton, and the request's
+    later windows are never sent."""
     service, triton = services("tiny-a"), tritons("tiny-a")
+    before = triton_metric(triton, LLM_CALLS)
     with pytest.raises(grpc.RpcError) as err:
         service.client.rerank(thousand(dl19, 7), timeout=0.3)  # seconds of work on any machine
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    _settles_to(lambda: triton_metric(triton, LIVE), 0, within=3.0)
+    _settles_to(lambda: triton_metric(triton, LIVE), 0)
+    _settles_to(lambda: triton_metric(triton, PENDING_LLM), 0)
+    assert triton_metric(triton, LLM_CALLS) - before < 99 // 2, "the request's windows ran on after its deadline"
 
 
 def test_cancelled_call_leaves_no_window(services, tritons, dl19):
@@ -251,12 +264,16 @@ def test_cancelled_call_leaves_no_window(services, tritons, dl19):
             with pytest.raises(asyncio.CancelledError):
                 await call
 
+    before = triton_metric(triton, LLM_CALLS)
     asyncio.run(cancel_midway())
-    _settles_to(lambda: triton_metric(triton, LIVE), 0, within=3.0)
+    _settles_to(lambda: triton_metric(triton, LIVE), 0)
+    _settles_to(lambda: triton_metric(triton, PENDING_LLM), 0)
+    assert triton_metric(triton, LLM_CALLS) - before < 99 // 2, "the request's windows ran on after its cancel"
     assert services("tiny-a").client.rerank(big_request(dl19, 20), timeout=60).ranks
 
 
-def _settles_to(probe, expected, within: float) -> None:
+def _settles_to(probe, expected, within: float = 60.0) -> None:
+    """Wait (bounded) until ``probe()`` gives ``expected``: the state a test needs, however slow the machine."""
     deadline = time.monotonic() + within
     while (value := probe()) != expected and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -294,10 +311,10 @@ def test_triton_down_gives_unavailable_then_recovers(exported, dl19):
             triton.kill()
             assert pending.result() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.OK)
         assert _status_of(service.client, big_request(dl19, 20)) == grpc.StatusCode.UNAVAILABLE
-        service.wait_health(health_pb2.HealthCheckResponse.NOT_SERVING, timeout=10)
+        service.wait_health(health_pb2.HealthCheckResponse.NOT_SERVING, timeout=60)
         triton = TritonServer(repo, grpc_port=triton.grpc_port, http_port=triton.http_port,
                               metrics_port=triton.metrics_port).start()
-        service.wait_health(health_pb2.HealthCheckResponse.SERVING, timeout=30)
+        service.wait_health(health_pb2.HealthCheckResponse.SERVING, timeout=60)
         assert service.client.rerank(big_request(dl19, 20), timeout=60).ranks
         assert service.process.poll() is None
     finally:
@@ -325,26 +342,48 @@ def test_requests_spread_over_several_tritons_and_stay_correct(tritons, exported
         second.stop()
 
 
+def _stuck_bytes(port: int) -> int:
+    """The most bytes waiting unread on one established connection to a local ``port`` (from /proc/net/tcp):
+    a call sent to a process that is stopped (SIGSTOP) piles up there."""
+    most = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in list(f)[1:]:
+                fields = line.split()
+                local, state, queues = fields[1], fields[3], fields[4]
+                if int(local.rsplit(":", 1)[1], 16) == port and state == "01":
+                    most = max(most, int(queues.split(":")[1], 16))
+    return most
+
+
 def test_a_request_survives_losing_its_triton_when_another_is_ready(exported, dl19):
+    """A window call in flight on a Triton that dies fails UNAVAILABLE, is sent again to the other Triton, and the
+    request gets its whole, correct ranking. The first Triton is frozen (SIGSTOP) before the request: its
+    connection stays up, so round_robin sends it the request's next call, which waits there, unread; once that
+    call is seen waiting (its bytes in the socket's queue), the Triton is killed."""
     repo = exported("tiny-a")
     first, second = TritonServer(repo).start(), TritonServer(repo).start()
     service = Service(repo, [first.grpc_url, second.grpc_url])
     long_request = big_request(dl19, 100, qi=9)
-    for h in dl19[10]["hits"] + dl19[11]["hits"]:  # 300 passages: 29 windows, surely in flight below
+    for h in dl19[10]["hits"] + dl19[11]["hits"]:  # 300 passages: 29 windows
         long_request.passages.add(id=f"x{len(long_request.passages)}", text=h["content"])
+    window_bytes = 20 * 64 * 4  # a window's PASSAGE_EMBEDS alone (tiny-a: hidden 64); health probes are ~100 bytes
     try:
         expected = [r.id for r in service.client.rerank(long_request, timeout=300).ranks]
-        before = triton_metric(first, LLM_CALLS)
+        os.killpg(first.process.pid, signal.SIGSTOP)
         with ThreadPoolExecutor(1) as pool:
             pending = pool.submit(service.client.rerank, long_request, 300)
             deadline = time.monotonic() + 60
-            while triton_metric(first, LLM_CALLS) == before and time.monotonic() < deadline:
-                time.sleep(0.02)  # idle pool: the request starts on the first server listed
+            while _stuck_bytes(first.grpc_port) < window_bytes:
+                assert time.monotonic() < deadline and not pending.done(), "no call ever reached the frozen Triton"
+                time.sleep(0.05)
             first.kill()
             assert [r.id for r in pending.result().ranks] == expected
-        assert "retrying on another Triton" in service.output()
+        assert "retrying on another Triton" in service.output(tail=None)
         assert service.client.rerank(big_request(dl19, 20), timeout=60).ranks
     finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(first.process.pid, signal.SIGCONT)
         service.stop()
         first.stop()
         second.stop()
@@ -357,6 +396,8 @@ def test_cached_embeddings_hit_on_repeat(tritons, exported, dl19):
         second = service.client.rerank(big_request(dl19, 40, qi=5), timeout=60)
         assert first.metadata.cache_hits == 0 and second.metadata.cache_hits == 40
         assert [r.id for r in first.ranks] == [r.id for r in second.ranks]
+        with urllib.request.urlopen(f"http://127.0.0.1:{service.metrics_port}/metrics") as page:
+            assert "pe_rank_embedding_cache_hits_total 40.0" in page.read().decode().splitlines()
     finally:
         service.stop()
 
@@ -370,8 +411,12 @@ def test_model_info_health_reflection_and_metrics(services):
     info = service.client.model_info()
     assert (info.hidden_size, info.embedding_size, info.max_passages) == (64, 32, 1000)
     assert (info.max_query_chars, info.max_message_bytes, info.max_encoder_tokens) == (4096, 64 << 20, 512)
-    assert (info.min_window_size, info.max_window_size, info.max_concurrent_requests) == (2, 100, 8)
-    assert (info.max_queued_requests, info.max_queue_wait_ms, info.max_request_ms) == (16, 2000, 60000)
+    assert (info.min_window_size, info.max_window_size, info.max_concurrent_requests) == (2, 100, 64)
+    assert (info.max_queued_requests, info.max_queue_wait_ms, info.max_request_ms) == (64, 300_000, 60000)  # as set
+    from pe_rank.service.cli import build_parser
+
+    defaults = build_parser().parse_args([])  # what a server without these flags reports
+    assert (defaults.max_concurrent, defaults.max_queued, defaults.max_queue_wait) == (8, 16, 2.0)
     assert info.max_text_bytes == 8 << 20
     assert "triton_urls" not in pb.ModelInfo.DESCRIPTOR.fields_by_name  # where Triton runs is not the client's
     assert not [f for f in info.ListFields() if "127.0.0.1" in str(f[1])]
@@ -387,6 +432,86 @@ def test_model_info_health_reflection_and_metrics(services):
     assert "pe_rank_request_duration_seconds_bucket" in text and "pe_rank_requests_in_flight" in text
     assert "pe_rank_requests_queued" in text
     assert "pe_rank_prompt_tokens_cached_total" in text
+
+
+def _metric_of(service: Service, series: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{service.metrics_port}/metrics") as page:
+        for line in page.read().decode().splitlines():
+            if line.startswith(series + " "):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_the_work_counters_add_up_to_what_requests_did(services, dl19):
+    """pe_rank_passages_total, _windows_total, _decode_steps_total, _prompt_tokens(_cached)_total and
+    _embedding_cache_hits_total grow by exactly what each response's metadata says it did."""
+    service = services("tiny-b")
+    names = ("passages", "windows", "decode_steps", "prompt_tokens", "prompt_tokens_cached", "embedding_cache_hits")
+    before = {n: _metric_of(service, f"pe_rank_{n}_total") for n in names}
+    done = [service.client.rerank(big_request(dl19, n, qi=14), timeout=120) for n in (30, 7, 30)]
+    grown = {n: _metric_of(service, f"pe_rank_{n}_total") - before[n] for n in names}
+    assert grown == {"passages": 67, "windows": sum(r.metadata.windows for r in done),
+                     "decode_steps": sum(r.metadata.decode_steps for r in done),
+                     "prompt_tokens": sum(r.metadata.prompt_tokens for r in done),
+                     "prompt_tokens_cached": sum(r.metadata.cached_prompt_tokens for r in done),
+                     "embedding_cache_hits": sum(r.metadata.cache_hits for r in done)}, grown
+    assert grown["windows"] == 2 + 1 + 2 and grown["decode_steps"] == 18 + 18 + 5 + 18 + 18
+    assert grown["embedding_cache_hits"] >= 30  # the repeated request's windows came from the (exact) cache
+
+
+def test_a_dns_target_and_several_host_names(exported, tritons, dl19):
+    """--triton-url dns:///NAME:PORT (a headless Service's name) is one balanced target; several host names are
+    refused with one line before anything starts."""
+    triton = tritons("tiny-a")
+    service = Service(exported("tiny-a"), [f"dns:///localhost:{triton.grpc_port}"])
+    try:
+        assert service.client.rerank(big_request(dl19, 20), timeout=60).ranks
+        assert f"(Triton: dns:///localhost:{triton.grpc_port})" in service.output(tail=None)
+    finally:
+        service.stop()
+    proc = subprocess.run([sys.executable, "-m", "pe_rank", "serve", "--repository", str(exported("tiny-a")),
+                           "--triton-url", "triton-a:8001", "--triton-url", "triton-b:8001"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --triton-url triton-a:8001: several Tritons")
+
+
+def test_sigterm_turns_health_not_serving_and_drains_in_flight_requests(tritons, exported, dl19):
+    """SIGTERM: health watchers see NOT_SERVING at once, new calls are refused, the request in flight (29
+    windows) still gets its whole ranking, then the server exits 0."""
+    triton = tritons("tiny-a")
+    service = Service(exported("tiny-a"), [triton.grpc_url], "--grace", "600", "--max-request-time", "0")
+    request = big_request(dl19, 100, qi=15)
+    for h in dl19[16]["hits"] + dl19[17]["hits"]:  # 300 passages: 29 windows
+        request.passages.add(id=f"x{len(request.passages)}", text=h["content"])
+    try:
+        with service.channel() as channel, ThreadPoolExecutor(1) as pool:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service="pe_rank.v1.Ranker"), timeout=600)
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            before = triton_metric(triton, LLM_CALLS)
+            pending = pool.submit(service.client.rerank, request, 600)
+            deadline = time.monotonic() + 120
+            while triton_metric(triton, LLM_CALLS) == before:  # under way: its first window answered
+                assert time.monotonic() < deadline and not pending.done()
+                time.sleep(0.02)
+            service.process.send_signal(signal.SIGTERM)
+            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert not pending.done(), "the request ended before SIGTERM: nothing was drained"
+            watch.cancel()  # a watch is an open call too: the drain would wait for it until --grace
+            # new calls are refused once the server stops taking them (health turns first: a call that comes in
+            # between is still taken, and drained like the rest)
+            deadline = time.monotonic() + 60
+            with RankerClient(service.target) as fresh:
+                while (code := _status_of(fresh, big_request(dl19, 5))) != grpc.StatusCode.UNAVAILABLE:
+                    assert code == grpc.StatusCode.OK and time.monotonic() < deadline, code
+            assert not pending.done(), "the request ended before new calls were refused"
+            response = pending.result()
+        assert sorted(r.index for r in response.ranks) == list(range(300))
+        assert service.process.wait(timeout=120) == 0
+        assert "stopping: draining in-flight requests" in service.output(tail=None)
+    finally:
+        service.stop()
 
 
 def test_cli_rerank_through_the_server(services, dl19, tmp_path):
@@ -435,14 +560,16 @@ def test_one_llm_call_per_window(services, tritons, dl19):
     before = triton_metric(triton, LLM_CALLS)
     response = service.client.rerank(big_request(dl19, 100, qi=6), timeout=120)
     assert response.metadata.windows == 9
-    _settles_to(lambda: triton_metric(triton, LLM_CALLS) - before, 9, within=3.0)
+    _settles_to(lambda: triton_metric(triton, LLM_CALLS) - before, 9)
 
 
 def test_abandoned_requests_stop_and_leave_valid_ones_alone(services, tritons, dl19):
     """A bounded storm: each round, 20 requests with a 0.3 s deadline and 20 cancelled after 0.5 s, then one
     valid request. Abandoned windows stop at their next step inside Triton and their later windows and
-    encodings are never sent, so Triton is idle within 3 s of the storm (only calls already running finish)
-    and the valid request runs as fast as on a quiet server (it was 40-55x slower when abandoned work ran on)."""
+    encodings are never sent: far fewer pe_llm calls than the storm's 1080 windows; once Triton is idle
+    again (only calls already running finish; a bounded wait), the valid request runs about as fast as on a
+    quiet server (it was 40-55x slower when abandoned work ran on; the bound, 4x the quiet time measured in
+    this test, leaves room for a busy machine)."""
     service, triton = services("tiny-a"), tritons("tiny-a")
     valid = big_request(dl19, 100, qi=12)
     abandoned = [big_request(dl19, 100, qi=13 + i % 5) for i in range(20)]
@@ -452,7 +579,7 @@ def test_abandoned_requests_stop_and_leave_valid_ones_alone(services, tritons, d
         await client.rerank(valid, timeout=120)
         return time.perf_counter() - t0
 
-    async def storm_round(client) -> float:
+    async def storm_round(client, settle_s: float) -> float:
         calls = [client.stub.Rerank(msg, timeout=0.3) for msg in abandoned]
         cancelled = [client.stub.Rerank(msg) for msg in abandoned]
         await asyncio.sleep(0.5)
@@ -462,7 +589,8 @@ def test_abandoned_requests_stop_and_leave_valid_ones_alone(services, tritons, d
         assert all(isinstance(o, (grpc.RpcError, asyncio.CancelledError)) for o in outcomes), outcomes
         t0 = time.perf_counter()
         while not triton_idle(triton):
-            assert time.perf_counter() - t0 < 3.0, "abandoned work still runs in Triton 3 s after its clients left"
+            assert time.perf_counter() - t0 < settle_s, \
+                f"abandoned work still runs in Triton {settle_s:.1f} s after its clients left"
             await asyncio.sleep(0.05)
         return await timed(client)
 
@@ -470,17 +598,17 @@ def test_abandoned_requests_stop_and_leave_valid_ones_alone(services, tritons, d
         async with AsyncRankerClient(service.target) as client:
             await timed(client)  # warm
             quiet = [await timed(client) for _ in range(3)]
-            stormy = [await storm_round(client) for _ in range(3)]
+            stormy = [await storm_round(client, settle_s=120.0) for _ in range(3)]
             return quiet, stormy
 
     calls_before = triton_metric(triton, LLM_CALLS)
     quiet, stormy = asyncio.run(run())
-    _settles_to(lambda: triton_metric(triton, LIVE), 0, within=3.0)
+    _settles_to(lambda: triton_metric(triton, LIVE), 0)
     with urllib.request.urlopen(f"http://127.0.0.1:{service.metrics_port}/metrics") as page:
         assert "pe_rank_requests_in_flight 0.0" in page.read().decode()  # no handler runs on
     # 120 abandoned requests of 9 windows each: had they run on, pe_llm would have answered over 1000 windows
     assert triton_metric(triton, LLM_CALLS) - calls_before < 120 * 9 / 2
-    assert np.median(stormy) <= 1.5 * np.median(quiet), (quiet, stormy)
+    assert np.median(stormy) <= 4 * np.median(quiet), (quiet, stormy)
 
 
 def test_every_limit_in_model_info_is_the_one_enforced(services):
@@ -532,8 +660,12 @@ def _tritonserver_of(service: Service) -> int:
     raise AssertionError("no running tritonserver child:\n" + service.output())
 
 
-def test_a_killed_embedded_triton_is_restarted_under_load(exported, dl19):
-    service = Service(exported("tiny-b"), [], "--triton-backoff", "0.5", ready_timeout=300)
+def test_a_killed_embedded_triton_is_restarted_under_load(exported, dl19, tmp_path):
+    """With API keys, so the restarted Triton is a locked one (mutual TLS, HTTP off) the server still reaches."""
+    keys = tmp_path / "keys"
+    keys.write_text("k1\n")
+    service = Service(exported("tiny-b"), [], "--triton-backoff", "0.5", "--api-key-file", str(keys), api_key="k1",
+                      ready_timeout=300)
     prefix = f"pe_rank_triton_{service.process.pid}_"
     try:
         first = _tritonserver_of(service)
@@ -579,11 +711,15 @@ def test_a_killed_embedded_triton_is_restarted_under_load(exported, dl19):
         assert not [m for m in first_group if running(m)], "a stub of the killed Triton lives on"
         second_group = group_members(second)
         assert service.client.rerank(big_request(dl19, 20), timeout=60).ranks
+        launch = next(line for line in service.output(tail=None).splitlines() if "starting Triton:" in line)
+        lock = Path(launch.split("--grpc-server-cert=")[1].split()[0]).parent
+        assert lock.is_dir() and oct(lock.stat().st_mode & 0o777) == "0o700"
     finally:
         service.stop()
     assert service.process.returncode == 0
     assert not [m for m in first_group + second_group if running(m)]
     assert not shm_regions(prefix), "shared memory left behind"
+    assert not lock.exists(), "the Triton's keys were left behind"
 
 
 def test_serve_exits_non_zero_when_triton_cannot_be_restarted(exported, tmp_path):
@@ -644,11 +780,29 @@ def test_api_keys_and_mutual_tls(tritons, exported, tmp_path, dl19):
     keys.write_text("# one key per line\nright-key-1\nright-key-2\n")
     tls = dict(root_cert=pki["ca"], client_cert=pki["client"], client_key=tmp_path / "client.key")
     # health is checked by Service with the client certificate but without a key: it stays open
+    http_port = free_port()
     service = Service(exported("tiny-a"), [tritons("tiny-a").grpc_url], "--tls-cert", str(pki["server"]),
                       "--tls-key", str(tmp_path / "server.key"), "--tls-client-ca", str(pki["ca"]),
-                      "--api-key-file", str(keys), api_key="right-key-2", **tls)
+                      "--api-key-file", str(keys), "--http-port", str(http_port), api_key="right-key-2", **tls)
     request = big_request(dl19, 5)
     try:
+        # HTTPS: the same mutual TLS (no client certificate, or one from another CA: no connection), then the key
+        url, body = f"https://127.0.0.1:{http_port}/v2/rerank", {"query": "fleas", "documents": ["flea", "dog"]}
+        key = {"Authorization": "Bearer right-key-1"}
+
+        def https(cert: Path | None, key_file: Path | None) -> httpx.Client:
+            context = ssl.create_default_context(cafile=str(pki["ca"]))
+            if cert:
+                context.load_cert_chain(str(cert), str(key_file))
+            return httpx.Client(verify=context, timeout=30)
+
+        with https(pki["client"], tmp_path / "client.key") as client:
+            assert client.post(url, json=body, headers=key).status_code == 200
+            assert client.post(url, json=body).status_code == 401
+            assert client.get(f"https://127.0.0.1:{http_port}/health").status_code == 200
+        for cert, key_file in ((None, None), (pki["rogue"], tmp_path / "rogue.key")):
+            with https(cert, key_file) as client, pytest.raises(httpx.TransportError):
+                client.post(url, json=body, headers=key)
         assert service.client.rerank(request, timeout=60).ranks
         assert service.client.model_info(timeout=10).max_passages == 1000
         for api_key, reason in ((None, "missing API key"), ("wrong-key", "invalid API key"),
@@ -659,7 +813,7 @@ def test_api_keys_and_mutual_tls(tritons, exported, tmp_path, dl19):
                         call()
                     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
                     assert err.value.details().startswith(reason)
-        assert _unauthenticated_counts(service) == {"missing": 2.0, "invalid": 4.0}
+        assert _unauthenticated_counts(service) == {"missing": 3.0, "invalid": 4.0}  # 2 gRPC + 1 HTTPS missing
         with service.channel() as channel:  # reflection stays open too (grpcurl, Postman)
             assert "pe_rank.v1.Ranker" in ProtoReflectionDescriptorDatabase(channel).get_services()
         # mutual TLS: without a client certificate, or with one from another CA, no connection at all
@@ -693,6 +847,76 @@ def test_api_key_alone_over_plaintext(tritons, exported, tmp_path):
             client.model_info(timeout=10)
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert _unauthenticated_counts(service) == {"invalid": 1.0}
+    finally:
+        service.stop()
+
+
+RANKING_ROUTES = {  # every HTTP route that ranks, with a body it accepts
+    "/rerank": {"query": "fleas", "texts": ["a flea", "a dog"]},
+    "/v1/rerank": {"query": "fleas", "documents": ["a flea", "a dog"]},
+    "/v2/rerank": {"query": "fleas", "documents": ["a flea", "a dog"]},
+}
+
+
+def test_with_keys_every_door_is_locked_the_embedded_triton_too(exported, tmp_path):
+    """`pe-rank serve --api-key-file` with the HTTP APIs and its own Triton: every HTTP ranking route (and /info)
+    answers 401 with WWW-Authenticate without a key or with a wrong one, 200 with a right one, counted like
+    gRPC's refusals; /health and /openapi.json stay open. The embedded Triton answers no one but the server:
+    a direct inference call (plaintext, or TLS without the server's client certificate) is refused, and its
+    HTTP port is closed. A warning at start names what stays open (the metrics ports)."""
+    import tritonclient.grpc as tclient
+    from tritonclient.utils import InferenceServerException
+
+    keys = tmp_path / "keys"
+    keys.write_text("k1\n")
+    http_port = free_port()
+    service = Service(exported("tiny-a"), [], "--api-key-file", str(keys), "--http-port", str(http_port),
+                      api_key="k1", ready_timeout=300)
+    base = f"http://127.0.0.1:{http_port}"
+    try:
+        refused = 0
+        for path, body in RANKING_ROUTES.items():
+            for headers, reason in (({}, "missing"), ({"Authorization": "Bearer k2"}, "invalid"),
+                                    ({"Authorization": "k1"}, "invalid"), ({"Authorization": "Basic azE6"}, "invalid")):
+                answer = httpx.post(base + path, json=body, headers=headers, timeout=60)
+                assert answer.status_code == 401, (path, headers, answer.text)
+                assert answer.headers["www-authenticate"].startswith('Bearer realm="pe-rank"')
+                assert ("invalid_token" in answer.headers["www-authenticate"]) == (reason == "invalid")
+                assert answer.json()["error_type"] == "unauthenticated"
+                refused += 1
+            answer = httpx.post(base + path, json=body, headers={"Authorization": "Bearer k1"}, timeout=60)
+            assert answer.status_code == 200, answer.text
+        assert httpx.get(base + "/info", timeout=30).status_code == 401
+        assert httpx.get(base + "/info", headers={"Authorization": "bearer k1"}, timeout=30).status_code == 200
+        assert httpx.get(base + "/health", timeout=30).status_code == 200
+        assert httpx.get(base + "/openapi.json", timeout=30).status_code == 200
+        counts = _unauthenticated_counts(service)
+        assert counts == {"missing": len(RANKING_ROUTES) + 1, "invalid": 3.0 * len(RANKING_ROUTES)}, counts
+        # the server's own calls go through, over its mutual TLS channel to Triton
+        assert service.client.rerank(pb.RerankRequest(query="fleas", passages=[pb.Passage(id="a", text="flea"),
+                                                                                pb.Passage(id="b", text="dog")]),
+                                     timeout=60).ranks
+        # the embedded Triton: no one else gets in
+        line = next(line for line in service.output(tail=None).splitlines() if "Triton ready (pid" in line)
+        grpc_port = int(line.split("gRPC 127.0.0.1:")[1].split()[0])
+        metrics_port = int(line.split("metrics 127.0.0.1:")[1].split()[0])
+        ids = tclient.InferInput("TEXT", [1], "BYTES")
+        ids.set_data_from_numpy(np.array([b"a flea"], dtype=np.object_))
+        for client in (tclient.InferenceServerClient(f"127.0.0.1:{grpc_port}"),
+                       tclient.InferenceServerClient(f"127.0.0.1:{grpc_port}", ssl=True)):
+            with pytest.raises(InferenceServerException) as err:
+                client.infer("pe_embed", [ids], client_timeout=30)
+            assert "UNAVAILABLE" in str(err.value.status()), err.value
+            client.close()
+        launch = next(line for line in service.output(tail=None).splitlines() if "starting Triton:" in line)
+        assert "--allow-http=false" in launch and "--http-port" not in launch  # Triton's HTTP API is off
+        with pytest.raises(httpx.TransportError):  # and its gRPC port speaks nothing without the certificate
+            httpx.post(f"http://127.0.0.1:{grpc_port}/v2/models/pe_embed/infer", timeout=10,
+                       json={"inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": ["x"]}]})
+        output = service.output(tail=None)
+        assert f"open door: the embedded Triton's metrics on 127.0.0.1:{metrics_port}" in output
+        assert f"open door: the Prometheus port 127.0.0.1:{service.metrics_port}" in output
+        assert "--api-key-file" in output.split("pe-rank ready on")[1].splitlines()[1]  # the banner's example
     finally:
         service.stop()
 

@@ -181,6 +181,10 @@ def test_prompt_head_comes_from_the_cache_across_windows(clients, conformance_mo
 
 
 def test_a_window_past_its_deadline_stops_at_its_next_step(tritons, clients, conformance_models, prompt_builders, dl19):
+    """A 100-passage window (98 decode steps) whose deadline passes while it decodes is dropped at its next step:
+    pe_llm counts it cancelled and runs far fewer than its 98 steps. The deadline starts at a third of the time
+    the window takes whole, measured here once warm; an attempt where the load made the window finish in time, or where the
+    deadline passed before decoding began, is tried again with a shorter or longer deadline."""
     name = "tiny-a"
     model, _ = conformance_models[name]
     ids, embeds = window_inputs_of(model, prompt_builders[name], dl19, query=0, n=100)
@@ -188,20 +192,34 @@ def test_a_window_past_its_deadline_stops_at_its_next_step(tritons, clients, con
     cancelled = 'pe_llm_windows_total{model="pe_llm",status="cancelled"}'
     steps = 'pe_llm_decode_steps_total{model="pe_llm"}'
     alone = []
-    for _ in range(2):  # how long this window takes here, whole, once warm
+    for _ in range(2):  # how long this window takes here, whole, once warm (the first call is much slower)
         t0 = time.perf_counter()
         clients(name).infer("pe_llm", window_inputs(job))
         alone.append(time.perf_counter() - t0)
-    before = (metric(tritons, name, cancelled), metric(tritons, name, steps))
-    with pytest.raises(InferenceServerException, match="DEADLINE_EXCEEDED|Deadline"):
-        # a third of that: the deadline passes mid-decoding on a fast machine as on a slow one
-        clients(name).infer("pe_llm", window_inputs(job), client_timeout=min(alone) / 3)
-    deadline = time.monotonic() + 10
-    while metric(tritons, name, cancelled) == before[0] and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert metric(tritons, name, cancelled) == before[0] + 1
-    assert metric(tritons, name, LIVE) == 0
-    assert metric(tritons, name, steps) - before[1] < 98, "the abandoned window decoded to its end"
+    timeout = min(alone) / 3
+    tried = []
+    for _ in range(8):
+        before = (metric(tritons, name, cancelled), metric(tritons, name, steps))
+        try:
+            clients(name).infer("pe_llm", window_inputs(job), client_timeout=timeout)
+        except InferenceServerException as exc:
+            assert re.search("DEADLINE_EXCEEDED|Deadline", str(exc)), exc
+        else:
+            tried.append((round(timeout, 3), "finished"))
+            timeout /= 2  # it finished within its deadline: the machine got faster; try again, shorter
+            continue
+        deadline = time.monotonic() + 60
+        while metric(tritons, name, cancelled) == before[0] and time.monotonic() < deadline:
+            time.sleep(0.1)  # the window is answered (cancelled) once its next step comes
+        assert metric(tritons, name, cancelled) == before[0] + 1, "the abandoned window was never dropped"
+        ran = metric(tritons, name, steps) - before[1]
+        tried.append((round(timeout, 3), ran))
+        assert ran < 98, "the abandoned window decoded to its end"
+        if ran > 0:  # it was decoding when its deadline passed, and stopped
+            assert metric(tritons, name, LIVE) == 0
+            return
+        timeout *= 2  # the deadline passed before its first step: try again, longer
+    pytest.fail(f"no deadline landed while the window was decoding in 8 attempts (timeout, steps run): {tried}")
 
 
 # ---- 5. bad inputs: clean errors, and the model keeps serving
@@ -217,6 +235,8 @@ def test_bad_inputs_return_errors_and_model_keeps_serving(tritons, clients, conf
     def infer(job: WindowJob):
         return window_outcome(client.infer("pe_llm", window_inputs(job), client_timeout=60))
 
+    failed = 'pe_llm_windows_total{model="pe_llm",status="failed"}'
+    failed_before = metric(tritons, name, failed)
     wide = np.concatenate([embeds3, np.zeros((3, 1), np.float32)], axis=1)
     with pytest.raises(InferenceServerException, match="passage embeddings"):
         infer(WindowJob(ids3, wide))
@@ -226,6 +246,12 @@ def test_bad_inputs_return_errors_and_model_keeps_serving(tritons, clients, conf
         infer(WindowJob(np.concatenate([ids3, [10**9]]), embeds3))
     with pytest.raises(InferenceServerException, match="non-finite"):
         infer(WindowJob(ids3, np.full_like(embeds3, np.nan)))
+    # those four windows reached the engine and failed there (the next two never reach it): counted "failed"
+    # (the engine answers a window before it counts it: a bounded wait)
+    deadline = time.monotonic() + 30
+    while metric(tritons, name, failed) - failed_before < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(tritons, name, failed) - failed_before == 4
     bad_mode = window_inputs(WindowJob(ids3, embeds3))
     bad_mode[3] = tensor("MODE", np.array([b"sideways"], dtype=np.object_))
     with pytest.raises(InferenceServerException, match="MODE"):
@@ -263,12 +289,86 @@ def greedy_margins(stepper, prompt_ids: np.ndarray, embeds: np.ndarray) -> tuple
     return choices, margin
 
 
-def test_concurrent_windows_rank_as_if_alone_and_share_forward_passes(tritons, conformance_models,
+HOLD = len(WIDE_MARGIN_WINDOWS)
+
+
+@pytest.fixture(scope="module")
+def held(exported, tmp_path_factory):
+    """held(name, step_batching) -> a Triton whose pe_llm holds windows until HOLD are waiting
+    (``test_hold_windows``), so they are admitted between the same two steps whatever the machine's load.
+    Step batching off goes through ``pe-rank export --step-batching off`` itself."""
+    import shutil
+    import subprocess
+    import sys
+
+    from pe_rank.service.embedded_triton import TritonServer
+
+    running: dict[tuple[str, bool], TritonServer] = {}
+
+    def get(name: str, step_batching: bool = True) -> TritonServer:
+        if (name, step_batching) not in running:
+            repo = tmp_path_factory.mktemp(f"held-{name}-{'on' if step_batching else 'off'}")
+            if step_batching:
+                shutil.copytree(exported(name), repo, dirs_exist_ok=True, symlinks=True)
+            else:
+                subprocess.run([sys.executable, "-m", "pe_rank", "export", "--model", str(CONFORMANCE / name),
+                                "--repository", str(repo), "--target", "torch", "--cpu", "--step-batching", "off"],
+                               check=True, capture_output=True, timeout=600)
+            config = repo / "pe_llm" / "config.pbtxt"
+            assert re.search(r'key: "step_batching"\s*value \{\s*string_value: "%s"' %
+                             ("on" if step_batching else "off"), config.read_text())
+            config.write_text(config.read_text() + 'parameters {\n  key: "test_hold_windows"\n  value {\n'
+                                                   f'    string_value: "{HOLD}"\n  }}\n}}\n')
+            running[(name, step_batching)] = TritonServer(repo).start()
+        return running[(name, step_batching)]
+
+    yield get
+    for server in running.values():
+        server.stop()
+
+
+STEP_BATCHES = 'pe_llm_step_batch_size_count{model="pe_llm"}', 'pe_llm_step_batch_size_sum{model="pe_llm"}'
+
+
+def rank_together(triton, requests: list[RerankRequest], builder: PromptBuilder) -> tuple[list[list[str]], float,
+                                                                                            float, float]:
+    """Every request at once through ``triton``: (rankings, step batches run, windows stepped, pe_llm calls).
+
+    The counters are read once Triton has counted every window's call and decode step (bounded wait)."""
+    calls = 'nv_inference_request_success{model="pe_llm",version="1"}'
+    window_steps = sum(len(req.passages) - 2 for req in requests)  # full mode, one window each
+
+    async def run():
+        from tritonclient.grpc.aio import InferenceServerClient
+
+        client = InferenceServerClient(triton.grpc_url)
+        try:
+            return await asyncio.gather(*(Reranker(WindowEmbeddings(TritonEncoder(client)),
+                                                   TritonWindowBackend(client), builder).rerank(req)
+                                          for req in requests))
+        finally:
+            await client.close()
+
+    before = [triton_metric(triton, series) for series in (*STEP_BATCHES, calls)]
+    results = asyncio.run(run())
+    deadline = time.monotonic() + 30
+    while True:
+        after = [triton_metric(triton, series) for series in (*STEP_BATCHES, calls)]
+        if (after[1] - before[1] >= window_steps and after[2] - before[2] >= len(requests)) \
+                or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    return ([[r.id for r in result.ranking] for result in results],
+            *(a - b for a, b in zip(after, before)))
+
+
+def test_concurrent_windows_rank_as_if_alone_and_share_forward_passes(held, conformance_models,
                                                                      prompt_builders, dl19):
-    """Requests ranked at once give the rankings they give alone; pe_llm's step batches (its own metrics)
-    hold several windows; and Triton counts exactly one pe_llm call per window."""
+    """Windows decoded together give the rankings they give alone; pe_llm's step batches (its own metrics)
+    hold several windows; and Triton counts exactly one pe_llm call per window. pe_llm holds the windows
+    until all have arrived (test_hold_windows), so they do decode together, however busy the machine."""
     name = "tiny-a"
-    model, _ = conformance_models[name]
+    model, reranker = conformance_models[name]
     stepper = stepper_for(model)
     requests = []
     for q, n in WIDE_MARGIN_WINDOWS:
@@ -277,33 +377,29 @@ def test_concurrent_windows_rank_as_if_alone_and_share_forward_passes(tritons, c
                                       passages=tuple(Passage(h["docid"], h["content"]) for h in hits)))
         _, margin = greedy_margins(stepper, *window_inputs_of(model, prompt_builders[name], dl19, q, n))
         assert margin > 10 * BATCH_TOLERANCE, f"query {q}, {n} passages: a near-tie, not comparable"
-    url = tritons(name, "torch").grpc_url
-    batches = 'pe_llm_step_batch_size_count{model="pe_llm"}', 'pe_llm_step_batch_size_sum{model="pe_llm"}'
-    calls = 'nv_inference_request_success{model="pe_llm",version="1"}'
-
-    async def rank_all() -> tuple[list[list[str]], list[list[str]], tuple[float, float], float]:
-        from tritonclient.grpc.aio import InferenceServerClient
-
-        client = InferenceServerClient(url)
-        try:
-            def reranker():
-                return Reranker(WindowEmbeddings(TritonEncoder(client)), TritonWindowBackend(client),
-                                prompt_builders[name])
-
-            alone = [[r.id for r in (await reranker().rerank(req)).ranking] for req in requests]
-            before = [metric(tritons, name, series) for series in (*batches, calls)]
-            results = await asyncio.gather(*(reranker().rerank(req) for req in requests))
-            await asyncio.sleep(0.5)
-            after = [metric(tritons, name, series) for series in (*batches, calls)]
-            together = [[r.id for r in result.ranking] for result in results]
-            return alone, together, (after[0] - before[0], after[1] - before[1]), after[2] - before[2]
-        finally:
-            await client.close()
-
-    alone, together, (steps_run, windows_stepped), llm_calls = asyncio.run(rank_all())
+    # alone: in this process (pe_llm's windows equal in-process decoding, tested above)
+    alone = [[r.id for r in asyncio.run(reranker.rerank(req)).ranking] for req in requests]
+    together, steps_run, windows_stepped, llm_calls = rank_together(held(name), requests, prompt_builders[name])
     assert together == alone
     assert windows_stepped > steps_run > 0, "pe_llm never advanced two windows in one forward"
+    assert windows_stepped == sum(n - 2 for _, n in WIDE_MARGIN_WINDOWS)  # every decode step of every window
     assert llm_calls == len(requests)  # one window each (n <= 20)
+
+
+def test_step_batching_off_through_export_and_triton(held, conformance_models, prompt_builders, dl19):
+    """`pe-rank export --step-batching off` reaches pe_llm in Triton: windows decoded together each step alone
+    (every step batch is 1), and rank exactly as alone, near-ties included (tiny-b is full of 1e-6 ties)."""
+    name = "tiny-b"
+    _, reranker = conformance_models[name]
+    requests = [RerankRequest(query=dl19[q]["query"], window_size=20, stride=10,
+                              passages=tuple(Passage(h["docid"], h["content"]) for h in dl19[q]["hits"][:n]))
+                for q, n in WIDE_MARGIN_WINDOWS]
+    alone = [[r.id for r in asyncio.run(reranker.rerank(req)).ranking] for req in requests]
+    together, steps_run, windows_stepped, llm_calls = rank_together(held(name, step_batching=False), requests,
+                                                                    prompt_builders[name])
+    assert together == alone
+    assert steps_run == windows_stepped == sum(n - 2 for _, n in WIDE_MARGIN_WINDOWS), "a step batched windows"
+    assert llm_calls == len(requests)
 
 
 # ---- 7. pe_rank: a whole request as one Triton call
@@ -363,9 +459,12 @@ def test_pe_rank_bad_inputs_are_invalid_arguments(clients):
     assert client.infer("pe_rank", rank_inputs(good), client_timeout=60).as_numpy("ORDER").shape == (2,)
 
 
-def test_pe_rank_requests_do_not_queue_behind_each_other(clients, dl19):
-    """A short request sent while a long one is being ranked is answered first."""
+def test_pe_rank_requests_do_not_queue_behind_each_other(tritons, clients, dl19):
+    """A short request sent while a long one is being ranked is answered first, while the long one still runs."""
+    import threading
+
     client = clients("tiny-a")
+    calls = 'nv_inference_request_success{model="pe_llm",version="1"}'
     q = dl19[9]
     long = {"query": q["query"], "passages": [{"text": h["content"]} for h in q["hits"]] * 3}  # 300: 29 windows
     short = {"query": q["query"], "passages": [{"text": h["content"]} for h in q["hits"][:3]]}
@@ -375,14 +474,44 @@ def test_pe_rank_requests_do_not_queue_behind_each_other(clients, dl19):
         client.infer("pe_rank", rank_inputs(request), client_timeout=300)
         done.append(tag)
 
-    import threading
-
+    before = metric(tritons, "tiny-a", calls)
     first = threading.Thread(target=run, args=("long", long))
     first.start()
-    time.sleep(1.0)
+    deadline = time.monotonic() + 120
+    while metric(tritons, "tiny-a", calls) == before and time.monotonic() < deadline:
+        time.sleep(0.02)  # the long request is being ranked: its first window answered
+    assert metric(tritons, "tiny-a", calls) > before and not done
     run("short", short)
+    long_windows_by_then = metric(tritons, "tiny-a", calls) - before - 1
     first.join(timeout=300)
     assert done == ["short", "long"]
+    assert long_windows_by_then < 29, "the long request had already finished"
+
+
+def test_a_cancelled_pe_rank_request_sends_no_further_window(tritons, clients, dl19):
+    """pe_rank: a request whose client cancels it sends no window after that (its BLS loop stops)."""
+    client = clients("tiny-a")
+    triton = tritons("tiny-a")
+    calls = 'nv_inference_request_success{model="pe_llm",version="1"}'
+    pending = 'nv_inference_pending_request_count{model="pe_rank",version="1"}'
+    q = dl19[10]
+    long = {"query": q["query"], "passages": [{"text": h["content"]} for h in q["hits"]] * 3}  # 300: 29 windows
+    before = triton_metric(triton, calls)
+    outcome: list = []
+    call = client.async_infer("pe_rank", rank_inputs(long), callback=lambda result, error: outcome.append(error),
+                              client_timeout=300)
+    deadline = time.monotonic() + 120
+    while triton_metric(triton, calls) == before and time.monotonic() < deadline:
+        time.sleep(0.02)  # its first window answered: the request is under way
+    call.cancel()
+    deadline = time.monotonic() + 60
+    while (triton_metric(triton, pending) or triton_metric(triton, LIVE)) and time.monotonic() < deadline:
+        time.sleep(0.1)  # pe_rank has let the request go and pe_llm holds no window
+    sent = triton_metric(triton, calls) - before
+    time.sleep(1.0)  # nothing more comes afterwards either
+    assert triton_metric(triton, calls) - before == sent
+    assert 1 <= sent < 29 // 2, f"{sent} of 29 windows ran after the cancel"
+    assert outcome and outcome[0] is not None  # the client saw its call cancelled, not a ranking
 
 
 def test_pe_rank_unloaded_mid_request_still_answers_it(exported, dl19):

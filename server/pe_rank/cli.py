@@ -57,8 +57,8 @@ def cmd_rerank(args: argparse.Namespace) -> int:
     from .core.jsonio import format_table, parse_request
 
     try:
-        raw = json.loads(args.input.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        raw = json.loads(args.input.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"{args.input}: {exc}") from None
     request = parse_request(raw)
     output = _rerank_in_process(args, request) if args.model else _rerank_remote(args, request)

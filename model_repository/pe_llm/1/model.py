@@ -19,6 +19,7 @@ import triton_python_backend_utils as pb_utils
 
 from pe_rank.core.errors import InvalidRequest
 from pe_rank.triton_backend.config_check import check_config, integer, number, one_of, require_response_sender
+from pe_rank.triton_backend.hold import PARAMETER, WindowHold
 from pe_rank.triton_backend.utils import cpu_threads, device_of, input_array, model_dir, parameters, triton_error
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -31,7 +32,7 @@ class TritonPythonModel:
             "head_cache": integer(0), "max_live_windows": integer(1), "max_window_tokens": integer(1),
             "max_window_passages": integer(1), "prefill_budget": integer(1), "torch_threads": integer(0),
             "step_batching": one_of("on", "off", default="on"), "cuda_graphs": one_of("on", "off", default="off"),
-            "tie_margin": number(0)})
+            "tie_margin": number(0), PARAMETER: integer(0)})
         import torch
 
         from pe_rank.core.checkpoint import read_checkpoint_info
@@ -64,14 +65,16 @@ class TritonPythonModel:
                                    tie_margin=float(params["tie_margin"]) if "tie_margin" in params else None)
         self.metrics.on_warm_up(warm_up(self.engine, prompts))  # before Triton reports the model ready
         self.model_name = args["model_name"]
+        # test-only (never exported): hold windows until N arrive, so tests see them decoded together
+        self.submit = WindowHold(self.engine.submit, int(params.get(PARAMETER, 0)), together=self.engine.submitting)
 
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
             try:
                 job = self._job(request)
-                self.engine.submit(job, lambda result, sender=sender: sender.send(_response(result), flags=FINAL),
-                                   sender.is_cancelled)
+                self.submit(job, lambda result, sender=sender: sender.send(_response(result), flags=FINAL),
+                            sender.is_cancelled)
             except Exception as exc:  # this request's error only (a dead engine: UNAVAILABLE, retried elsewhere)
                 sender.send(_error(exc), flags=FINAL)
         if not self.engine.healthy:
@@ -105,6 +108,7 @@ class TritonPythonModel:
                          emit=0 if emit is None else int(emit.reshape(-1)[0]))
 
     def finalize(self):
+        self.submit.release()
         self.engine.close()
 
 

@@ -164,6 +164,10 @@ class DecodeEngine:
             self._pending.append(_Window(job, reply, is_cancelled, started=time.perf_counter()))
             self._wake.notify()
 
+    def submitting(self) -> threading.Condition:
+        """Held, windows submitted under it are admitted in the same turn (the engine waits on it)."""
+        return self._wake
+
     @property
     def live(self) -> int:
         return sum(slot is not None for slot in self.slots)

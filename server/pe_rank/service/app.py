@@ -64,6 +64,8 @@ class ServiceConfig:
     grace_s: float = 30.0
     health_poll_s: float = 1.0
     http_port: int | None = None  # TEI and Cohere/Jina HTTP APIs; None: off
+    triton_credentials: object = None  # grpc.ChannelCredentials of a locked embedded Triton; None: plaintext
+    triton_metrics_port: int | None = None  # the embedded Triton's (loopback, no auth): named in the start-up warnings
     limits: Limits = field(init=False)
     admission: AdmissionLimits = field(init=False)
 

@@ -133,9 +133,16 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
 class AuthOptions:
     """What ``pe-rank serve`` was asked to enforce: API keys and/or a client CA (mutual TLS)."""
 
-    def __init__(self, api_keys: ApiKeys | None = None, client_ca: Path | None = None) -> None:
+    def __init__(self, api_keys: ApiKeys | None = None, client_ca: Path | None = None,
+                 api_key_file: Path | None = None) -> None:
         self.api_keys = api_keys
         self.client_ca = client_ca
+        self.api_key_file = api_key_file  # where the keys came from, for the start-up banner's example
+
+    @property
+    def enabled(self) -> bool:
+        """Whether callers are authenticated at all (keys, client certificates or both)."""
+        return self.api_keys is not None or self.client_ca is not None
 
     def interceptors(self, on_refused: Callable[[str], None]) -> list[grpc.aio.ServerInterceptor]:
         return [ApiKeyInterceptor(self.api_keys, on_refused)] if self.api_keys else []

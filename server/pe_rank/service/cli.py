@@ -79,7 +79,7 @@ def _auth_options(args: argparse.Namespace):
         keys = ApiKeys.from_file(args.api_key_file) if args.api_key_file else None
     except AuthConfigError as exc:
         raise UserError(f"--api-key-file {exc}") from None
-    return AuthOptions(api_keys=keys, client_ca=args.tls_client_ca)
+    return AuthOptions(api_keys=keys, client_ca=args.tls_client_ca, api_key_file=args.api_key_file)
 
 
 def cli_main(argv: list[str]) -> int:
@@ -111,10 +111,18 @@ def cli_main(argv: list[str]) -> int:
         max_chunks_per_doc=args.max_chunks_per_doc, max_chunks=args.max_chunks,
     )
     if config.triton_urls:
+        from .pool import balanced_target
+
+        try:
+            balanced_target(config.triton_urls)  # several host names: one line, before anything starts
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
         return asyncio.run(serve_until_signalled(config, auth))
     from .embedded_triton import TritonServer, TritonStartError, TritonSupervisor
 
-    supervisor = TritonSupervisor(TritonServer(args.repository), max_failures=args.triton_max_failures,
+    # a server that authenticates its callers locks its Triton too: mutual TLS only this process holds
+    triton = TritonServer(args.repository, locked=auth.enabled)
+    supervisor = TritonSupervisor(triton, max_failures=args.triton_max_failures,
                                   backoff_s=args.triton_backoff, stable_s=args.triton_stable)
     try:
         supervisor.start()
@@ -122,6 +130,8 @@ def cli_main(argv: list[str]) -> int:
         raise UserError(str(exc)) from None
     try:
         config.triton_urls = [supervisor.grpc_url]
+        config.triton_credentials = triton.credentials
+        config.triton_metrics_port = triton.metrics_port
 
         def watch_fatal(report) -> None:
             supervisor.on_give_up = report

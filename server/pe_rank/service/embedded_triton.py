@@ -14,13 +14,22 @@ process group, which also holds the stubs it forks) with a parent-death signal, 
 stop or crash ends with SIGKILL to that group. Each start gets its own shared-memory prefix
 for the Python backend, so the regions of a crashed Triton can be found and removed.
 ``TritonSupervisor`` restarts a Triton that died, with backoff.
+
+A *locked* Triton (``TritonServer(..., locked=True)``, what ``pe-rank serve`` starts when it
+authenticates its own callers) answers only the process that started it: its gRPC endpoint
+requires mutual TLS with a client certificate made for this Triton alone (:class:`TritonLock`:
+a fresh CA, server and client certificate in a private 0700 folder, removed on stop), its
+HTTP endpoint is off, and its readiness is asked over that gRPC channel. Triton's own
+``--grpc-restricted-protocol`` header would put its secret on Triton's command line, which
+every local user can read in ``/proc/PID/cmdline``; file permissions keep these keys to the
+server's user. The metrics endpoint (read-only counters) stays open on loopback: Triton 2.51
+has no way to lock it.
 """
 from __future__ import annotations
 
 import argparse
 import atexit
 import collections
-import ctypes
 import glob
 import logging
 import os
@@ -48,28 +57,33 @@ class TritonStartError(RuntimeError):
     """Triton did not become ready; the message carries Triton's own error lines."""
 
 
-_PR_SET_PDEATHSIG = 1
 SHM_DIR = Path("/dev/shm")
-try:  # loaded here, not in the forked child: dlopen after fork can deadlock
-    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):  # not Linux: the process group still cleans up
-    _PRCTL = None
+
+# Triton is started through this tiny exec wrapper, not a preexec_fn: a preexec_fn forces a plain fork()
+# of this process, whose gRPC (the pool's channels, a test's clients) then runs its fork handlers in the
+# child, and under load that child sometimes aborted before it could exec ("Epoll1Poller encountered
+# epoll_wait error: Bad file descriptor", Triton "exited with code -6"). Without one, subprocess uses
+# vfork, which runs no fork handler; the wrapper sets the parent-death signal, checks its parent is still
+# the one that started it, and execs Triton (the signal survives exec).
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    os._exit(1)  # the parent died before the signal was set\n"
+    "os.execve(sys.argv[2], sys.argv[2:], os.environ)\n"
+)
 
 
-def _die_with_parent(parent: int) -> Callable[[], None]:
-    """preexec_fn: SIGKILL this child when the thread that started it dies (Linux prctl).
+def _die_with_parent(cmd: list[str]) -> list[str]:
+    """``cmd`` run so that it gets SIGKILL when the thread that started it dies (Linux prctl).
 
-    The signal fires when the *thread* that forked the child exits, so Triton must be started
+    The signal fires when the *thread* that spawned the child exits, so Triton must be started
     from a thread that lives as long as we want Triton to: the main thread or the supervisor's.
+    Elsewhere than Linux the command runs as is (the process group still cleans up).
     """
-
-    def preexec() -> None:
-        if _PRCTL is not None:
-            _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:  # we died between fork and prctl
-            os._exit(1)
-
-    return preexec
+    if not sys.platform.startswith("linux"):
+        return cmd
+    return [sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), *cmd]
 
 
 def shm_regions(prefix: str) -> list[Path]:
@@ -144,12 +158,14 @@ def _backend_dir(wheel: Path) -> Path:
     return target
 
 
-def _command_and_env(repository: Path, grpc_port: int, http_port: int, metrics_port: int,
+def _command_and_env(repository: Path, grpc_port: int, http_port: int | None, metrics_port: int,
                      extra: list[str]) -> tuple[list[str], dict[str, str]]:
+    """``http_port`` None: no HTTP address (a locked Triton turns HTTP off)."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    http = [] if http_port is None else ["--http-address", "127.0.0.1", "--http-port", str(http_port)]
     args = ["--model-repository", str(repository), "--grpc-address", "127.0.0.1", "--grpc-port", str(grpc_port),
-            "--http-address", "127.0.0.1", "--http-port", str(http_port), "--metrics-address", "127.0.0.1",
+            *http, "--metrics-address", "127.0.0.1",
             "--metrics-port", str(metrics_port), "--exit-on-error=true", "--strict-readiness=true", *extra]
     on_path = shutil.which("tritonserver")
     if on_path:
@@ -165,13 +181,100 @@ def _command_and_env(repository: Path, grpc_port: int, http_port: int, metrics_p
     return [str(wheel / "bin" / "tritonserver"), *args, "--backend-directory", str(_backend_dir(wheel))], env
 
 
+_OUR_LOCK = re.compile(r"^pe-rank-triton-lock-(\d+)-")
+
+
+def _remove_stale_locks() -> None:
+    """Remove the key folders of locked Tritons whose pe-rank process is gone (SIGKILLed: nothing cleaned up)."""
+    for path in Path(tempfile.gettempdir()).glob("pe-rank-triton-lock-*"):
+        match = _OUR_LOCK.match(path.name)
+        if match and not _pid_running(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+class TritonLock:
+    """Mutual TLS for one Triton's gRPC endpoint: a throw-away CA, a server certificate for 127.0.0.1 and
+    the one client certificate it accepts, in a private folder (0700; keys 0600) until :meth:`remove`."""
+
+    def __init__(self) -> None:
+        import datetime
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+        _remove_stale_locks()
+        self.folder = Path(tempfile.mkdtemp(prefix=f"pe-rank-triton-lock-{os.getpid()}-"))  # mkdtemp: mode 0700
+        now = datetime.datetime.now(datetime.timezone.utc)
+
+        def name(cn: str) -> x509.Name:
+            return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+        def cert(subject: str, key, issuer: str, issuer_key, ca: bool, usage=None, san=None) -> x509.Certificate:
+            builder = (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(name(issuer))
+                       .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                       .not_valid_before(now - datetime.timedelta(minutes=5))
+                       .not_valid_after(now + datetime.timedelta(days=3650))
+                       .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+            if usage is not None:
+                builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            if san is not None:
+                builder = builder.add_extension(san, critical=False)
+            return builder.sign(issuer_key, hashes.SHA256())
+
+        import ipaddress
+
+        ca_key, server_key, client_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+        ca = cert("pe-rank embedded Triton CA", ca_key, "pe-rank embedded Triton CA", ca_key, True)
+        server = cert("127.0.0.1", server_key, "pe-rank embedded Triton CA", ca_key, False,
+                      ExtendedKeyUsageOID.SERVER_AUTH,
+                      x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                                   x509.DNSName("localhost")]))
+        client = cert("pe-rank serve", client_key, "pe-rank embedded Triton CA", ca_key, False,
+                      ExtendedKeyUsageOID.CLIENT_AUTH)
+
+        def pem_key(key) -> bytes:
+            return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                     serialization.NoEncryption())
+
+        self.ca_pem = ca.public_bytes(serialization.Encoding.PEM)
+        self.client_cert_pem = client.public_bytes(serialization.Encoding.PEM)
+        self.client_key_pem = pem_key(client_key)
+        for file, data in (("ca.pem", self.ca_pem), ("server.pem", server.public_bytes(serialization.Encoding.PEM)),
+                           ("server.key", pem_key(server_key))):
+            path = self.folder / file
+            path.touch(mode=0o600)
+            path.write_bytes(data)
+
+    def triton_args(self) -> list[str]:
+        return ["--grpc-use-ssl-mutual=true", f"--grpc-server-cert={self.folder / 'server.pem'}",
+                f"--grpc-server-key={self.folder / 'server.key'}", f"--grpc-root-cert={self.folder / 'ca.pem'}",
+                "--allow-http=false"]
+
+    def credentials(self):
+        """gRPC channel credentials of the one client this Triton accepts."""
+        import grpc
+
+        return grpc.ssl_channel_credentials(root_certificates=self.ca_pem, private_key=self.client_key_pem,
+                                            certificate_chain=self.client_cert_pem)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 class TritonServer:
-    """``with TritonServer(repo) as triton: use(triton.grpc_url)``; stopped on exit and at interpreter exit."""
+    """``with TritonServer(repo) as triton: use(triton.grpc_url)``; stopped on exit and at interpreter exit.
+
+    ``locked=True``: only this process can call it (see :class:`TritonLock`); its calls need
+    ``credentials``.
+    """
 
     def __init__(self, repository: Path | str, grpc_port: int | None = None, http_port: int | None = None,
                  metrics_port: int | None = None, extra_args: list[str] | None = None,
-                 startup_timeout: float = 180.0, log_file: Path | None = None) -> None:
+                 startup_timeout: float = 180.0, log_file: Path | None = None, locked: bool = False) -> None:
         self.repository = Path(repository).resolve()
+        self.lock = TritonLock() if locked else None
         self.grpc_port = grpc_port or free_port()
         self.http_port = http_port or free_port()
         self.metrics_port = metrics_port or free_port()
@@ -193,9 +296,16 @@ class TritonServer:
     def http_url(self) -> str:
         return f"127.0.0.1:{self.http_port}"
 
+    @property
+    def credentials(self):
+        """gRPC channel credentials for a locked Triton, None for an open one."""
+        return self.lock.credentials() if self.lock else None
+
     def start(self) -> "TritonServer":
         """Start and wait until ready; on failure everything it started is gone and TritonStartError says why."""
         remove_stale_shm()
+        if self.lock is not None and not self.lock.folder.exists():  # started again after stop()
+            self.lock = TritonLock()
         # a fresh prefix per start: a crashed start's regions are never reused, and ours are easy to find
         self.shm_prefix = f"pe_rank_triton_{os.getpid()}_{uuid.uuid4().hex[:8]}_"
         extra = list(self.extra_args)
@@ -206,12 +316,14 @@ class TritonServer:
 
             shm = plan_for_repository(self.repository)
             extra += backend_config_args(shm) if shm is not None else []
-        cmd, env = _command_and_env(self.repository, self.grpc_port, self.http_port, self.metrics_port, extra)
+        if self.lock is not None:
+            extra += self.lock.triton_args()
+        cmd, env = _command_and_env(self.repository, self.grpc_port, None if self.lock else self.http_port,
+                                    self.metrics_port, extra)
         log.info("starting Triton: %s", " ".join(cmd))
         self.lines.clear()
-        self.process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        errors="replace", start_new_session=True,
-                                        preexec_fn=_die_with_parent(os.getpid()))
+        self.process = subprocess.Popen(_die_with_parent(cmd), env=env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
         if not self._atexit:
             atexit.register(self.stop)
             self._atexit = True
@@ -219,7 +331,11 @@ class TritonServer:
         self._reader.start()
         self._wait_ready()
         self.started_at = time.monotonic()
-        log.info("Triton ready (pid %d): gRPC %s, HTTP %s", self.process.pid, self.grpc_url, self.http_url)
+        if self.lock is not None:
+            log.info("Triton ready (pid %d): gRPC %s (mutual TLS: this server's calls only), HTTP off, metrics "
+                     "127.0.0.1:%d", self.process.pid, self.grpc_url, self.metrics_port)
+        else:
+            log.info("Triton ready (pid %d): gRPC %s, HTTP %s", self.process.pid, self.grpc_url, self.http_url)
         return self
 
     def _forward_logs(self) -> None:
@@ -245,7 +361,7 @@ class TritonServer:
             if self.process.poll() is not None:
                 self._reader.join(timeout=5)
                 self._fail(f"Triton exited with code {self.process.returncode}")
-            if self._http_ready():
+            if self._grpc_ready() if self.lock else self._http_ready():
                 return
             time.sleep(0.25)
         self._fail(f"Triton not ready after {self.startup_timeout:.0f} s")
@@ -261,6 +377,19 @@ class TritonServer:
                 return response.status == 200
         except OSError:
             return False
+
+    def _grpc_ready(self) -> bool:
+        """A locked Triton (HTTP off), asked over mutual TLS: a port someone else holds cannot show this
+        Triton's certificate, so it never looks ready either."""
+        import grpc
+        from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+        with grpc.secure_channel(self.grpc_url, self.lock.credentials()) as channel:
+            try:
+                return service_pb2_grpc.GRPCInferenceServiceStub(channel).ServerReady(
+                    service_pb2.ServerReadyRequest(), timeout=2).ready
+            except grpc.RpcError:
+                return False
 
     def _fail(self, headline: str) -> None:
         self.cleanup()
@@ -301,6 +430,8 @@ class TritonServer:
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM (Triton finishes in-flight requests), SIGKILL after ``timeout``; then :meth:`cleanup`."""
         if self.process is None:
+            if self.lock is not None:
+                self.lock.remove()
             return
         if self.process.poll() is None:
             try:
@@ -311,6 +442,8 @@ class TritonServer:
             except ProcessLookupError:
                 pass
         self.cleanup()
+        if self.lock is not None:
+            self.lock.remove()
 
     def kill(self) -> None:
         """Hard stop, for fault-injection tests."""

@@ -51,7 +51,23 @@ class Overloaded(ServiceError):
 
 
 class Unavailable(ServiceError):
+    """No model server is ready; ``retry_after_s`` is when to try again (HTTP ``Retry-After``, as on 429)."""
+
     kind = "unhealthy"
+
+    def __init__(self, message: str, field: str | None = None, retry_after_s: float = 1.0) -> None:
+        super().__init__(message, field)
+        self.retry_after_s = retry_after_s
+
+
+class Unauthenticated(ServiceError):
+    """No API key, or a wrong one (``reason``: missing or invalid); HTTP adds ``WWW-Authenticate``."""
+
+    kind = "unauthenticated"
+
+    def __init__(self, message: str, reason: str = "missing") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class DeadlineExceeded(ServiceError):
@@ -85,6 +101,7 @@ _GRPC = {
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Internal: grpc.StatusCode.INTERNAL,
     Cancelled: grpc.StatusCode.CANCELLED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }
 
 _HTTP = {
@@ -96,6 +113,7 @@ _HTTP = {
     DeadlineExceeded: 504,
     Internal: 500,
     Cancelled: 499,
+    Unauthenticated: 401,
 }
 
 
@@ -139,18 +157,24 @@ def grpc_status(error: ServiceError) -> grpc.StatusCode:
 
 def http_status(error: ServiceError, request_id: str) -> tuple[int, dict, dict[str, str]]:
     """Status, JSON body (TEI's ``error``/``error_type``, Cohere's and NIM's ``message``, NIM's ``object``,
-    the field) and headers (``Retry-After`` in whole seconds on 429)."""
+    the field) and headers: ``Retry-After`` in whole seconds on 429 and 503, ``WWW-Authenticate`` on 401
+    (RFC 6750)."""
     text = error.text(request_id)
     body = {"error": text, "error_type": error.kind, "message": text, "object": "error", "request_id": request_id}
     if error.field:
         body["field"] = error.field
-    headers = {"Retry-After": str(math.ceil(error.retry_after_s))} if isinstance(error, Overloaded) else {}
+    headers = {}
+    if isinstance(error, (Overloaded, Unavailable)):
+        headers["Retry-After"] = str(max(math.ceil(error.retry_after_s), 1))
+    if isinstance(error, Unauthenticated):
+        headers["WWW-Authenticate"] = ('Bearer realm="pe-rank"' if error.reason == "missing"
+                                       else 'Bearer realm="pe-rank", error="invalid_token"')
     return _lookup(_HTTP, error), body, headers
 
 
 def retry_metadata(error: ServiceError) -> tuple[tuple[str, str], ...]:
     """gRPC trailers of a refusal: ``grpc-retry-pushback-ms`` is what gRPC's own retry policy obeys."""
-    if not isinstance(error, Overloaded):
+    if not isinstance(error, (Overloaded, Unavailable)):
         return ()
     ms = str(max(int(error.retry_after_s * 1e3), 1))
     return (("grpc-retry-pushback-ms", ms), ("retry-after-ms", ms))

@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..core.types import ENCODER_MAX_TOKENS, Passage, RerankRequest, RerankResult
 from .app import RankingService
-from .errors import Cancelled, InvalidArgument, ServiceError, TooLarge, Unavailable, http_status
+from .errors import Cancelled, InvalidArgument, ServiceError, TooLarge, Unauthenticated, Unavailable, http_status
 from .tei import SCORE_NOTE, model_id, tei_field, tei_request, version
 
 # ---- request and response bodies (shapes only; values are checked by core/validation.py)
@@ -285,7 +285,30 @@ class _BodyLimit:
         await self.app(scope, counted, send)
 
 
-def build_app(ranking: RankingService) -> FastAPI:
+# what anyone may call without a key: the probe and the API's description (as gRPC's health and reflection)
+OPEN_PATHS = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+
+
+class _ApiKeyCheck:
+    """With ``--api-key-file``: every path but :data:`OPEN_PATHS` needs ``Authorization: Bearer <key>``;
+    anything else is 401 with ``WWW-Authenticate`` before the body is read, counted by ``on_refused``."""
+
+    def __init__(self, app: ASGIApp, keys, on_refused) -> None:
+        self.app, self.keys, self.on_refused = app, keys, on_refused
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        values = [v for k, v in scope.get("headers") or [] if k == b"authorization"]
+        if len(values) == 1 and self.keys.check_bearer(values[0].decode("latin-1")):
+            return await self.app(scope, receive, send)
+        error = (Unauthenticated("missing API key: send the header 'Authorization: Bearer <key>'", reason="missing")
+                 if not values else Unauthenticated("invalid API key", reason="invalid"))
+        response = self.on_refused(error)
+        await response(scope, receive, send)
+
+
+def build_app(ranking: RankingService, api_keys=None) -> FastAPI:
     app = FastAPI(
         title="PE-Rank",
         version=version(),
@@ -475,6 +498,13 @@ def build_app(ranking: RankingService) -> FastAPI:
 
     app.add_middleware(_BodyLimit, limit=http_body_limit(ranking.config),
                        on_refused=lambda error: refuse(error, api="http"))
+    if api_keys is not None:  # added last: the outermost check, before the body limit and the routes
+
+        def unauthenticated(error: Unauthenticated) -> JSONResponse:
+            ranking.metrics.unauthenticated.labels(error.reason).inc()  # as the gRPC interceptor counts
+            return answer(error, ranking.new_request_id())
+
+        app.add_middleware(_ApiKeyCheck, keys=api_keys, on_refused=unauthenticated)
     return app
 
 
@@ -498,7 +528,12 @@ class HttpServer:
     """uvicorn on the running event loop (the gRPC server's); signals stay with the gRPC side."""
 
     def __init__(self, ranking: RankingService, host: str, port: int, ssl_certfile: str | None = None,
-                 ssl_keyfile: str | None = None, grace_s: float = 30.0) -> None:
+                 ssl_keyfile: str | None = None, grace_s: float = 30.0, api_keys=None,
+                 ssl_client_ca: str | None = None) -> None:
+        """``api_keys``: an :class:`~.auth.ApiKeys` every ranking route checks; ``ssl_client_ca``: mutual
+        TLS, the TLS handshake requires a client certificate signed by that CA (as on the gRPC port)."""
+        import ssl
+
         import uvicorn
 
         class _Server(uvicorn.Server):
@@ -506,9 +541,10 @@ class HttpServer:
             def capture_signals(self):  # serve_until_signalled owns SIGINT/SIGTERM
                 yield
 
-        config = uvicorn.Config(build_app(ranking), host=host, port=port, log_level="warning", lifespan="off",
-                                ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile, access_log=False,
-                                timeout_graceful_shutdown=grace_s)
+        tls_client = dict(ssl_ca_certs=ssl_client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED) if ssl_client_ca else {}
+        config = uvicorn.Config(build_app(ranking, api_keys), host=host, port=port, log_level="warning",
+                                lifespan="off", ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile, access_log=False,
+                                timeout_graceful_shutdown=grace_s, **tls_client)
         self.server = _Server(config)
         self.task = None
         self.port: int | None = None

@@ -94,13 +94,16 @@ class TritonPool:
     on_health_change: Callable[[bool], None] = lambda serving: None
     poll_s: float = 1.0
     servers: list[TritonServerState] = field(default_factory=list)
+    credentials: object = None  # grpc.ChannelCredentials for a locked embedded Triton (mutual TLS); None: plaintext
 
     def __post_init__(self) -> None:
         import tritonclient.grpc.aio as grpcclient
 
         self.target = balanced_target(self.urls)
-        self.client = FailoverClient(grpcclient.InferenceServerClient(self.target, channel_args=_BALANCED))
-        self.servers = [TritonServerState(u, grpcclient.InferenceServerClient(u, channel_args=_CHANNEL_ARGS))
+        self.client = FailoverClient(grpcclient.InferenceServerClient(self.target, channel_args=_BALANCED,
+                                                                      creds=self.credentials))
+        self.servers = [TritonServerState(u, grpcclient.InferenceServerClient(u, channel_args=_CHANNEL_ARGS,
+                                                                              creds=self.credentials))
                         for u in self.urls]
         self._task: asyncio.Task | None = None
         self._refreshes: set[asyncio.Task] = set()

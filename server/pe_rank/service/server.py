@@ -3,8 +3,13 @@ on one event loop over one RankingService; drain on stop."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import os
+import shutil
 import signal
+import sys
+from pathlib import Path
 from typing import Callable
 
 import grpc
@@ -34,12 +39,14 @@ class RankingServer:
         self.auth = auth or AuthOptions()
         self.metrics = Metrics()
         self.health = health_aio.HealthServicer()
-        self.pool = TritonPool(config.triton_urls, on_health_change=self._health_changed, poll_s=config.health_poll_s)
+        self.pool = TritonPool(config.triton_urls, on_health_change=self._health_changed, poll_s=config.health_poll_s,
+                               credentials=config.triton_credentials)
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
         self.http = None
         self.http_port: int | None = None
         self._pending_health: set[asyncio.Task] = set()
+        self._health_logged: bool | None = None
 
     def _undecodable(self, error: InvalidArgument, method: str) -> str:
         request_id = self.ranking.new_request_id()
@@ -55,7 +62,9 @@ class RankingServer:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
-        log.info("health: %s", "SERVING" if serving else "NOT_SERVING")
+        if serving != self._health_logged:  # start-up sets it once more after the pool's first check
+            self._health_logged = serving
+            log.info("health: %s", "SERVING" if serving else "NOT_SERVING")
 
     async def start(self) -> int:
         repo = RepositoryView(self.config.repository)
@@ -97,7 +106,8 @@ class RankingServer:
             self.http = HttpServer(self.ranking, self.config.host, self.config.http_port,
                                    ssl_certfile=str(self.config.tls_cert) if tls else None,
                                    ssl_keyfile=str(self.config.tls_key) if tls else None,
-                                   grace_s=self.config.grace_s)
+                                   grace_s=self.config.grace_s, api_keys=self.auth.api_keys,
+                                   ssl_client_ca=str(self.auth.client_ca) if tls and self.auth.client_ca else None)
             self.http_port = await self.http.start()
             log.info("HTTP APIs (TEI, Cohere/Jina) on %s:%s", self.config.host, self.http_port)
         log.info("pe-rank serving on %s:%s (Triton: %s)", self.config.host, self.port, ", ".join(self.config.triton_urls))
@@ -117,6 +127,80 @@ class RankingServer:
         await self.pool.close()
         self.ranking.workers.shutdown(wait=False, cancel_futures=True)
         self.server = None
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def open_doors(config: ServiceConfig, auth: AuthOptions) -> list[str]:
+    """Ports and APIs left open where an operator would expect them closed: one warning line each."""
+    host, doors = config.host, []
+    if not auth.enabled and not _loopback(host):
+        doors.append(f"serving on {host} without authentication: anyone who reaches port {config.port}"
+                     + (f" or {config.http_port}" if config.http_port is not None else "")
+                     + " can rank (set --api-key-file and/or --tls-client-ca)")
+    if auth.api_keys is not None and not config.tls_cert and not _loopback(host):
+        doors.append(f"API keys travel in plaintext on {host} (no --tls-cert/--tls-key): anyone on the path reads them")
+    if auth.enabled and config.metrics_port is not None:
+        doors.append(f"the Prometheus port {host}:{config.metrics_port} needs no key and no certificate "
+                     "(counters only): keep it on a private address")
+    if auth.enabled and config.triton_credentials is None:
+        doors.append(f"calls to Triton ({', '.join(config.triton_urls)}) are plaintext and Triton asks no key: "
+                     "make sure only this server can reach its ports (e.g. deploy/k8s's NetworkPolicy)")
+    if auth.enabled and config.triton_metrics_port is not None and config.triton_credentials is not None:
+        doors.append(f"the embedded Triton's metrics on 127.0.0.1:{config.triton_metrics_port} need no key "
+                     "(read-only counters; Triton cannot lock them); its gRPC is mutual TLS and its HTTP is off")
+    return doors
+
+
+def _command() -> str:
+    """How to run pe-rank from here: ``pe-rank`` when it is on PATH, else this install's script."""
+    script = Path(sys.executable).parent / "pe-rank"
+    on_path = shutil.which("pe-rank")
+    if on_path and script.exists() and Path(on_path).resolve() == script.resolve():
+        return "pe-rank"
+    if script.exists():
+        try:
+            return os.path.relpath(script) if not os.path.relpath(script).startswith("..") else str(script)
+        except ValueError:  # another drive
+            return str(script)
+    return f"{sys.executable} -m pe_rank"
+
+
+def banner(config: ServiceConfig, auth: AuthOptions, port: int, http_port: int | None) -> str:
+    """What to run to try the server, with the flags this server needs (key, CA, client certificate)."""
+    flags = ""
+    if auth.api_keys is not None:
+        flags += f" --api-key-file {auth.api_key_file or 'KEYFILE'}"
+    if config.tls_cert:
+        flags += " --tls-ca CA.pem"
+    if auth.client_ca is not None:
+        flags += " --tls-client-cert CLIENT.pem --tls-client-key CLIENT.key"
+    lines = [f"pe-rank ready on {config.host}:{port}. Try:",
+             f"  {_command()} rerank --server {config.host}:{port} --input examples/dl19_request.json{flags}"]
+    if http_port is not None:
+        scheme = "https" if config.tls_cert else "http"
+        lines.append(f"HTTP APIs (TEI and vLLM /rerank, Cohere/Jina /v1/rerank and /v2/rerank, Infinity /infinity/rerank, "
+                     f"NVIDIA NIM /v1/ranking) on {scheme}://{config.host}:"
+                     f"{http_port}; OpenAPI at /docs and /openapi.json")
+        curl = f"  curl -s {scheme}://{config.host}:{http_port}/rerank -H 'content-type: application/json'"
+        if auth.api_keys is not None:
+            curl += ' -H "Authorization: Bearer $KEY"'
+        if config.tls_cert:
+            curl += " --cacert CA.pem"
+        if auth.client_ca is not None:
+            curl += " --cert CLIENT.pem --key CLIENT.key"
+        lines.append(curl + """ -d '{"query": "what do fleas eat", "texts": ["Fleas feed on blood.", "The sky is blue."]}'""")
+    if auth.api_keys is not None:
+        lines.append("Every call but health (and HTTP /health, /openapi.json, /docs) needs 'Authorization: Bearer KEY'"
+                     + (f", KEY a line of {auth.api_key_file}" if auth.api_key_file else ""))
+    return "\n".join(lines)
 
 
 async def serve_until_signalled(config: ServiceConfig, auth: AuthOptions | None = None,
@@ -142,13 +226,9 @@ async def serve_until_signalled(config: ServiceConfig, auth: AuthOptions | None 
     await server.start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"pe-rank ready on {config.host}:{server.port}. Try:\n"
-          f"  pe-rank rerank --server {config.host}:{server.port} --input examples/dl19_request.json", flush=True)
-    if server.http_port is not None:
-        scheme = "https" if config.tls_cert else "http"
-        print(f"HTTP APIs (TEI and vLLM /rerank, Cohere/Jina /v1/rerank and /v2/rerank, Infinity /infinity/rerank, "
-              f"NVIDIA NIM /v1/ranking) on "
-              f"{scheme}://{config.host}:{server.http_port}; OpenAPI at /docs and /openapi.json", flush=True)
+    for door in open_doors(config, server.auth):
+        log.warning("open door: %s", door)
+    print(banner(config, server.auth, server.port, server.http_port), flush=True)
     await stop.wait()
     if fatal:
         log.critical("exiting with code %d: %s", EXIT_TRITON_GAVE_UP, fatal[0])

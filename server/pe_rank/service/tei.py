@@ -54,9 +54,11 @@ def _optional(message, name: str):
 
 
 def model_id(ranking: RankingService) -> str:
-    """What TEI calls the model: PE-Rank's LLM and encoder, and what its scores mean."""
+    """What TEI calls the model, as an id (no spaces): ``pe-rank/<LLM type>-<encoder type>``, e.g.
+    ``pe-rank/embed_llama-bert`` for the demo. What scores mean is in the OpenAPI description (SCORE_NOTE)."""
     info, enc = ranking.repo.info, ranking.repo.encoder_config
-    return (f"pe-rank ({info.config.get('model_type')} LLM, {enc.get('model_type')} encoder; {SCORE_NOTE})")
+    return "pe-rank/" + "-".join(re.sub(r"[^A-Za-z0-9_.]+", "_", str(part))
+                                 for part in (info.config.get("model_type"), enc.get("model_type")))
 
 
 class TeiInfo(tei_grpc.InfoServicer):
