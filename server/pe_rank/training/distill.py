@@ -299,8 +299,10 @@ def load_labels(path: Path) -> list[Labelled]:
         raise DataError(f"{path}: labels format {int(saved['format'])}, expected {LABELS_FORMAT}")
     meta = json.loads(str(saved["meta"]))
     bounds = np.concatenate([[0], np.cumsum(saved["lengths"])])
-    return [Labelled(m["qid"], m["text"], m["source"], saved["candidates"][a:b], saved["minilm"][a:b],
-                     saved["fused"][a:b], saved["grades"][a:b])
+    # each saved[...] access reads the whole array again: read each once, then copy the slices
+    arrays = {k: saved[k] for k in ("candidates", "minilm", "fused", "grades")}
+    return [Labelled(m["qid"], m["text"], m["source"], *(arrays[k][a:b].copy() for k in
+                                                         ("candidates", "minilm", "fused", "grades")))
             for m, a, b in zip(meta, bounds[:-1], bounds[1:])]
 
 
