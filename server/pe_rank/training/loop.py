@@ -32,6 +32,7 @@ class StageConfig:
     max_grad_norm: float = 1.0
     save_every: int = 25
     log_every: int = 5
+    decay: bool = False  # linear decay to 0 at ``steps`` after the warm-up (then the schedule depends on steps)
 
 
 @dataclass
@@ -45,8 +46,12 @@ class StageResult:
 
 
 def learning_rate(config: StageConfig, step: int) -> float:
-    """Linear warm-up, then constant: independent of the total, so --steps may grow on resume."""
-    return config.lr * min(1.0, (step + 1) / max(config.warmup, 1))
+    """Linear warm-up, then constant: independent of the total, so --steps may grow on resume.
+    With ``decay``, linear decay from the end of the warm-up to 0 at ``steps``."""
+    lr = config.lr * min(1.0, (step + 1) / max(config.warmup, 1))
+    if config.decay and step >= config.warmup:
+        lr *= max(0.0, (config.steps - step) / max(config.steps - config.warmup, 1))
+    return lr
 
 
 def save_state(path: Path, stage: int, step: int, trainable: dict[str, nn.Module],
@@ -90,7 +95,10 @@ def run_stage(task: Task, trainable: dict[str, nn.Module], config: StageConfig, 
         lr = learning_rate(config, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss = task.loss(task.sample(step_rng(config.seed, task.stage, step)))
+        rng = step_rng(config.seed, task.stage, step)
+        # a task with given windows takes them in order (sample_at); others draw from the step's generator
+        batch = task.sample_at(step, rng) if hasattr(task, "sample_at") else task.sample(rng)
+        loss = task.loss(batch)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"stage {task.stage} step {step}: loss is {loss.item()}")
         optimizer.zero_grad(set_to_none=True)

@@ -141,6 +141,7 @@ class Window:
     docids: tuple[str, ...]
     passages: tuple[str, ...]
     grades: tuple[int, ...]
+    teacher: tuple[int, ...] | None = None  # the teacher's order when labelled beforehand (distillation)
 
 
 def window_of(q: Query, order: Sequence[int]) -> Window:
@@ -192,7 +193,10 @@ def teacher_order(grades: np.ndarray, cosine: np.ndarray) -> np.ndarray:
 
 
 def window_teacher(cache: EmbeddingCache, window: Window) -> np.ndarray:
-    """The teacher's order of a window: qrels grade, then encoder cosine to the query."""
+    """The teacher's order of a window: its own labels when it has them, else qrels grade, then
+    encoder cosine to the query."""
+    if window.teacher is not None:
+        return np.asarray(window.teacher, dtype=np.int64)
     return ranked_by_teacher(cache, window.query, window.passages, window.grades)
 
 
@@ -251,12 +255,20 @@ class AdapterTask:
     query_weight: float = 0.0  # weight of query_loss next to ListMLE (0: ListMLE alone)
     carried: float = 0.0  # share of the pool drawn by sample_carried_window (real queries only)
     stage: int = 3
+    given: Sequence[Window] | None = None  # distillation: labelled windows, taken in order, states not kept
 
     def __post_init__(self) -> None:
+        self._states: dict[int, tuple[Tensor, Tensor, Tensor, int]] = {}
+        if self.given is not None:
+            if not self.given:
+                raise ValueError("no training windows")
+            self.windows = list(self.given)
+            if self.query_weight > 0:
+                self._fit_query_targets()
+            return
         rng = np.random.default_rng([self.seed, self.stage])
         real = tuple(q for q in self.data.queries if q.run != PSEUDO) or self.data.queries
         self.windows = [self._draw(rng, real) for _ in range(self.pool)]
-        self._states: dict[int, tuple[Tensor, Tensor, Tensor, int]] = {}
         if self.query_weight > 0:
             self._fit_query_targets()
 
@@ -278,19 +290,31 @@ class AdapterTask:
     def sample(self, rng: np.random.Generator) -> list[int]:
         return [int(k) for k in rng.integers(len(self.windows), size=self.batch)]
 
+    def sample_at(self, step: int, rng: np.random.Generator) -> list[int]:
+        """Given windows: step ``s`` takes windows ``[s * batch, (s + 1) * batch)`` (wrapping), so every
+        window is seen once before any twice; a drawn pool: :meth:`sample`."""
+        if self.given is None:
+            return self.sample(rng)
+        return [(step * self.batch + i) % len(self.windows) for i in range(self.batch)]
+
     def prepared(self, k: int) -> tuple[Tensor, Tensor, Tensor, int]:
         """(layer-``first`` input states, projected embeddings, teacher order, prompt length)."""
+        if self.given is not None:
+            return self._prepare(k)  # each given window comes once: its states are not kept
         if k not in self._states:
-            window = self.windows[k]
-            ids, positions = self.model.prompts.build(window.query, len(window.passages))
-            device = self.model.device
-            with torch.no_grad():
-                embeds = project(self.model, self.cache.get(list(window.passages)))
-            teacher = torch.from_numpy(window_teacher(self.cache, window)).to(device)
-            inputs = teacher_forced_inputs(self.stack, torch.from_numpy(np.array(ids)).to(device),
-                                           torch.from_numpy(np.array(positions)).to(device), embeds, teacher)
-            self._states[k] = (lower_states(self.stack, inputs, self.first), embeds, teacher, len(ids))
+            self._states[k] = self._prepare(k)
         return self._states[k]
+
+    def _prepare(self, k: int) -> tuple[Tensor, Tensor, Tensor, int]:
+        window = self.windows[k]
+        ids, positions = self.model.prompts.build(window.query, len(window.passages))
+        device = self.model.device
+        with torch.no_grad():
+            embeds = project(self.model, self.cache.get(list(window.passages)))
+        teacher = torch.from_numpy(window_teacher(self.cache, window)).to(device)
+        inputs = teacher_forced_inputs(self.stack, torch.from_numpy(np.array(ids)).to(device),
+                                       torch.from_numpy(np.array(positions)).to(device), embeds, teacher)
+        return lower_states(self.stack, inputs, self.first), embeds, teacher, len(ids)
 
     def window_loss(self, k: int) -> Tensor:
         states, embeds, teacher, prompt_len = self.prepared(k)

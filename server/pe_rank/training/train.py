@@ -14,6 +14,7 @@ import torch
 
 from ..runtime.model import PeRankModel, load_model
 from .data import TrainingData, load_data
+from .distill import DistillOptions, DistillSet, build_distill_set, distill_windows, prepare_cache
 from .embeddings import EmbeddingCache
 from .loop import StageConfig, StageResult, load_state, make_optimizer, run_stage, save_state
 from .adapter import attach_lora, merged_weights, save_adapter
@@ -54,6 +55,8 @@ class TrainOptions:
     target_tokens: int = 64
     device: str = "auto"
     command: str = ""
+    distill: DistillOptions | None = None  # stage 3 on teacher-labelled windows of many real queries
+    lr_decay: bool = False  # linear decay to 0 at the last step of each stage
 
 
 def pick_device(name: str) -> str:
@@ -87,7 +90,14 @@ def add_adapter(model: PeRankModel, trainable: dict[str, torch.nn.Module], opts:
 
 
 def make_task(stage: int, model: PeRankModel, cache: EmbeddingCache, data: TrainingData,
-              opts: TrainOptions) -> Task:
+              opts: TrainOptions, distilled: DistillSet | None = None) -> Task:
+    if stage == 3 and distilled is not None:
+        assert opts.distill is not None
+        needed = opts.steps[3] * opts.batch[3]
+        epochs = -(-needed // len(distilled.queries))
+        return AdapterTask(model, cache, data, model.llm, first_adapted_layer(model, opts), opts.batch[3],
+                           opts.adapter_pool, opts.window, opts.seed, opts.query_weight,
+                           given=distill_windows(distilled, opts.distill, epochs))
     if stage == 1 and opts.align == "words":
         return WordsAlignmentTask(model, cache, data.passages(), opts.batch[1], opts.target_tokens)
     if stage == 1:
@@ -125,14 +135,48 @@ def _check_out(opts: TrainOptions) -> dict | None:
     return None
 
 
+def _check_distill(opts: TrainOptions) -> None:
+    if opts.distill is None:
+        return
+    if 2 in opts.stages:
+        raise TrainError("--queries (distillation) trains stages 1 and 3; stage 2 draws from --data's own queries")
+    if opts.pseudo_queries:
+        raise TrainError("--queries and --pseudo-queries do not go together")
+    if opts.carried:
+        raise TrainError("--queries draws its windows as the ranker meets them; --carried-windows is for --data")
+    if opts.distill.window != opts.window:
+        raise TrainError("the distillation windows and --window differ")
+
+
+def distill_cache(model: PeRankModel, opts: DistillOptions) -> EmbeddingCache:
+    """The encoder cache the labels were built with (shared by runs on the same pool)."""
+    prepare_cache(opts.cache)
+    return EmbeddingCache(model, opts.cache / CACHE_FILE)
+
+
+def prepare_distillation(opts: TrainOptions, log: Callable[[str], None] = print) -> DistillSet:
+    """Only build (or load) the labelled distillation set: ``pe-rank train --prepare-only``."""
+    if opts.distill is None:
+        raise TrainError("--prepare-only goes with --queries")
+    model = load_model(opts.model, device=pick_device(opts.device))
+    cache = distill_cache(model, opts.distill)
+    distilled = build_distill_set(opts.distill, cache, log)
+    cache.save()
+    log(distilled.summary())
+    return distilled
+
+
 def train(opts: TrainOptions, log: Callable[[str], None] = print) -> list[StageResult]:
     """Run the requested stages; returns what each stage run did."""
     deadline = None if opts.max_minutes is None else time.monotonic() + opts.max_minutes * 60
+    _check_distill(opts)
     state = _check_out(opts)
+    # with --queries, --data is the passage pool: its passages align (stage 1), its queries do not train
     data = load_data(opts.data).with_pseudo_queries(opts.pseudo_queries, opts.window, opts.seed)
     torch.manual_seed(opts.seed)
     device = pick_device(opts.device)
-    log(f"loading {opts.model} on {device}; data {opts.data}: {data.summary()}")
+    log(f"loading {opts.model} on {device}; data {opts.data}: "
+        + ("passage pool for --queries" if opts.distill else data.summary()))
     model = load_model(opts.model, device=device)
     trainable = freeze_all_but_projector(model)
     if state is not None:
@@ -144,10 +188,17 @@ def train(opts: TrainOptions, log: Callable[[str], None] = print) -> list[StageR
     else:
         link_checkpoint(opts.model, opts.out)
         write_projector(opts.out, model.projector)
-    cache = EmbeddingCache(model, opts.out / CACHE_FILE)
+    distilled = None
+    if opts.distill is not None:
+        cache = distill_cache(model, opts.distill)
+        distilled = build_distill_set(opts.distill, cache, log)
+        cache.save()
+        log(distilled.summary())
+    else:
+        cache = EmbeddingCache(model, opts.out / CACHE_FILE)
     results = []
     for stage in opts.stages:
-        result = _run_one(stage, state, model, trainable, cache, data, opts, deadline, log)
+        result = _run_one(stage, state, model, trainable, cache, data, opts, deadline, log, distilled)
         if state is not None and stage >= state["stage"]:
             state = None  # the saved stage is reached; stages after it start afresh
         if result is None:
@@ -162,10 +213,11 @@ def train(opts: TrainOptions, log: Callable[[str], None] = print) -> list[StageR
 
 def _run_one(stage: int, state: dict | None, model: PeRankModel, trainable: dict[str, torch.nn.Module],
              cache: EmbeddingCache, data: TrainingData, opts: TrainOptions, deadline: float | None,
-             log: Callable[[str], None]) -> StageResult | None:
+             log: Callable[[str], None], distilled: DistillSet | None = None) -> StageResult | None:
     if stage == 3:
         add_adapter(model, trainable, opts)
     config = StageConfig(steps=opts.steps[stage], lr=opts.lr[stage], seed=opts.seed, warmup=opts.warmup,
+                         decay=opts.lr_decay,
                          save_every=opts.save_every, log_every=opts.log_every)
     optimizer = make_optimizer(trainable, config)
     start_step, losses = 0, []
@@ -178,7 +230,7 @@ def _run_one(stage: int, state: dict | None, model: PeRankModel, trainable: dict
     if start_step >= config.steps:
         log(f"stage {stage} already at step {start_step} of {config.steps}")
         return None
-    task = make_task(stage, model, cache, data, opts)
+    task = make_task(stage, model, cache, data, opts, distilled)
 
     def checkpoint(step: int, seen: list[float]) -> None:
         save_state(opts.out / STATE_FILE, stage, step, trainable, optimizer, opts.seed, seen)
@@ -190,8 +242,9 @@ def _run_one(stage: int, state: dict | None, model: PeRankModel, trainable: dict
     result = run_stage(task, trainable, config, optimizer=optimizer, start_step=start_step,
                        deadline=deadline, checkpoint=checkpoint, log=log, losses=losses)
     record_in_config(opts.out, stage, {"steps": result.step, "seed": opts.seed, "lr": config.lr,
-                                       "batch": opts.batch[stage], "data": [f.name for f in data.files]})
-    append_report(opts.out, report_section(result, config, data, opts, model))
+                                       "batch": opts.batch[stage], "data": [f.name for f in data.files]}
+                     | ({"distill": distilled.notes} if distilled is not None and stage == 3 else {}))
+    append_report(opts.out, report_section(result, config, data, opts, model, distilled))
     return result
 
 
@@ -217,7 +270,18 @@ def _mean(values: list[float]) -> str:
     return f"{sum(values) / len(values):.4f}" if values else "-"
 
 
-def _task_details(stage: int, opts: TrainOptions) -> str:
+def _task_details(stage: int, opts: TrainOptions, distilled: DistillSet | None = None) -> str:
+    if stage == 3 and distilled is not None:
+        d = opts.distill
+        assert d is not None
+        query = (f"; plus {opts.query_weight:g} x query loss (1 - cos(W.T h, D q) per decision row)"
+                 if opts.query_weight > 0 else "")
+        return (f"distillation: {distilled.summary()}; one window of {d.window} per query and epoch, as the "
+                f"ranker meets it ({1 - d.bm25_share:.0%} cascade: encoder-cosine order, sliding {d.window}/"
+                f"{d.stride} over the top {'/'.join(map(str, d.depths))}; {d.bm25_share:.0%} the sliding pass "
+                f"over the BM25 list), the pass simulated with the teacher as ranker; ListMLE over the "
+                f"teacher's order on s_i = h . e_i{query}; LoRA rank {opts.adapter_rank} on the top "
+                f"{opts.adapter_layers} LLM layers; labels {distilled.notes.get('labels')}")
     ranking = (f"windows of {opts.window} from the BM25 top-100, random offset, shuffled; teacher = qrels grade "
                "then encoder cosine (cosine only without qrels); ListMLE on s_i = h . e_i")
     if stage == 3:
@@ -237,24 +301,27 @@ def _task_details(stage: int, opts: TrainOptions) -> str:
 
 
 def report_section(result: StageResult, config: StageConfig, data: TrainingData, opts: TrainOptions,
-                   model: PeRankModel) -> str:
+                   model: PeRankModel, distilled: DistillSet | None = None) -> str:
     stage = result.stage
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     run_losses = result.losses[result.start_step:]
-    details = _task_details(stage, opts)
+    details = _task_details(stage, opts, distilled)
     lines = [
         f"## Stage {stage} ({STAGE_NAMES[stage]}), {when}",
         "",
         f"- command: `{opts.command or '(called from Python)'}`",
         f"- input checkpoint: `{opts.model}` (projector `{model.info.projector_type}`; encoder frozen; "
         + ("projector and lower LLM layers frozen)" if stage == 3 else "LLM frozen)"),
-        f"- data: `{opts.data}`: {data.summary()}",
+        (f"- data: `{opts.data}` as the passage pool (its queries do not train); queries: "
+         f"{distilled.extracted.summary() if distilled.extracted else '-'}" if distilled is not None
+         else f"- data: `{opts.data}`: {data.summary()}"),
         "- files: " + ", ".join(f"`{f.name}` (sha256 {file_digest(f)})" for f in data.files),
         f"- task: {details}",
         f"- seed {opts.seed}; steps {result.start_step} -> {result.step} of {config.steps}"
         + (f" (resumed at {result.start_step})" if result.start_step else "")
         + (f"; stopped early: {result.stopped}" if result.stopped else ""),
-        f"- AdamW lr {config.lr:g} (linear warm-up {config.warmup} steps, then constant), weight decay "
+        f"- AdamW lr {config.lr:g} (linear warm-up {config.warmup} steps, then "
+        f"{'linear decay to 0' if config.decay else 'constant'}), weight decay "
         f"{config.weight_decay:g}, grad-norm clip {config.max_grad_norm:g}, batch {opts.batch[stage]}, fp32",
         f"- loss: mean of the first 10 steps of this run {_mean(run_losses[:10])}, "
         f"of the last 10 {_mean(run_losses[-10:])}",
