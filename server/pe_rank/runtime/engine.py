@@ -110,11 +110,14 @@ class _Window:
 
 
 def default_tie_margin(dtype) -> float:
-    """Relative score gaps below which a batched step's decision is redone alone: well above the
-    batched-vs-lone noise measured in float32 (~2e-6 relative), and a few bf16/fp16 ulps."""
+    """Relative score gap below which a batched step's decision is redone alone. float32: 1e-3, about 7x
+    the largest batched-vs-lone noise measured on the demo model over DL19's windows (1.3e-4 relative,
+    ``python -m pe_rank.tools.batch_noise``). float16/bfloat16: 0 (off): their noise is thousands of
+    times larger, so the guard would redo nearly every window, and their lone rankings already differ
+    from the float32 original's."""
     import torch
 
-    return 1e-4 if dtype == torch.float32 else 3e-2
+    return 1e-3 if dtype == torch.float32 else 0.0
 
 
 class DecodeEngine:
