@@ -439,3 +439,17 @@ def test_concurrent_requests_of_near_tied_passages_rank_as_each_alone():
     finally:
         tiny_b.engine.close()
     assert [[r.id for r in res.ranking] for res in results] == [c["expected_ranking"] for c in jobs]
+
+
+def test_batch_noise_reports_every_decision_of_real_windows(model):
+    """The noise tool behind the README's figures: every window's every decision compared, the noise
+    within float noise, restarts growing with the margin."""
+    from conftest import DATA
+    from pe_rank.tools.batch_noise import MARGINS, measure
+    from pe_rank.tools.evaluation import load_rankllm
+
+    report = measure(model, load_rankllm(DATA / "bm25_dl19.json.gz")[:3], tie_margin=1e-3)
+    assert report["windows"] == 6 and report["decisions"] == 6 * 19  # the prefill's and 18 steps' scores
+    assert 0 <= report["max_abs_score_diff"] < TOLERANCE
+    restarts = [report["windows_restarted_alone_by_margin"][str(m)] for m in MARGINS]
+    assert restarts == sorted(restarts) and report["windows_restarted_alone"] == restarts[MARGINS.index(1e-3)]
