@@ -118,11 +118,11 @@ def decode_alone(stepper, job) -> tuple[list[int], int]:
     return decoder.order, decoder.decode_steps
 
 
-def triton_metric(triton, series: str) -> float:
-    """One series of a Triton's /metrics (0 when absent), e.g. 'pe_llm_live_windows{model="pe_llm"}'."""
+def metric_of(process, series: str) -> float:
+    """One series of a Triton's or a pe-rank server's /metrics (0 when absent), e.g. 'pe_llm_live_windows{model="pe_llm"}'."""
     import urllib.request
 
-    with urllib.request.urlopen(f"http://127.0.0.1:{triton.metrics_port}/metrics") as page:
+    with urllib.request.urlopen(f"http://127.0.0.1:{process.metrics_port}/metrics") as page:
         for line in page.read().decode().splitlines():
             if line.startswith(series + " "):
                 return float(line.rsplit(" ", 1)[1])

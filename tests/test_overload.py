@@ -14,7 +14,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import triton_metric
+from conftest import metric_of
 from test_server import LIVE, LLM_CALLS, PENDING_LLM, Service, _settles_to, big_request, thousand
 from pe_rank.client import AsyncRankerClient
 from pe_rank.v1 import ranker_pb2 as pb
@@ -116,13 +116,13 @@ def test_the_server_bounds_a_request_without_a_deadline(tritons, exported, dl19)
     triton = tritons("tiny-a")
     service = Service(exported("tiny-a"), [triton.grpc_url], "--max-request-time", "0.5")
     try:
-        before = triton_metric(triton, LLM_CALLS)
+        before = metric_of(triton, LLM_CALLS)
         with pytest.raises(grpc.RpcError) as err:
             service.client.rerank(thousand(dl19, 2))
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        _settles_to(lambda: triton_metric(triton, LIVE), 0)
-        _settles_to(lambda: triton_metric(triton, PENDING_LLM), 0)
-        assert triton_metric(triton, LLM_CALLS) - before < 99 // 2, "the request ran on past --max-request-time"
+        _settles_to(lambda: metric_of(triton, LIVE), 0)
+        _settles_to(lambda: metric_of(triton, PENDING_LLM), 0)
+        assert metric_of(triton, LLM_CALLS) - before < 99 // 2, "the request ran on past --max-request-time"
         _settles_to(lambda: metric(service, 'pe_rank_requests_total{status="DEADLINE_EXCEEDED"}'), 1)
     finally:
         service.stop()

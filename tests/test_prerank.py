@@ -19,7 +19,7 @@ import pytest
 import tritonclient.grpc as tclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import CONFORMANCE, conformance_cases, triton_metric
+from conftest import CONFORMANCE, conformance_cases, metric_of
 from pe_rank.core.checkpoint import CheckpointError, RankingDefaults, read_checkpoint_info
 from pe_rank.core.errors import InvalidRequest
 from pe_rank.core.prerank import cosine_order, with_defaults
@@ -167,9 +167,9 @@ def test_every_door_takes_the_models_defaults_and_the_callers_choice(served, def
     assert [r.index for r in unset.ranks] == cascade
     assert (unset.metadata.prerank, unset.metadata.depth) == (True, 5)
     embeds = 'nv_inference_request_success{model="pe_embed",version="1"}'
-    before = triton_metric(triton, embeds)
+    before = metric_of(triton, embeds)
     again = service.client.rerank(request_of(case), timeout=120)  # every vector and window from the cache
-    assert [r.index for r in again.ranks] == cascade and triton_metric(triton, embeds) == before
+    assert [r.index for r in again.ranks] == cascade and metric_of(triton, embeds) == before
     off = service.client.rerank(request_of(case, prerank=False, depth=0), timeout=120)
     assert [r.index for r in off.ranks] == paper and (off.metadata.prerank, off.metadata.depth) == (False, 20)
     # tei.v1 over gRPC (pe-rank's own fields 100, 101)

@@ -19,7 +19,7 @@ import grpc
 import httpx
 import pytest
 
-from conftest import CONFORMANCE, conformance_cases
+from conftest import CONFORMANCE, conformance_cases, metric_of
 from pe_rank.service.embedded_triton import free_port
 from pe_rank.v1 import ranker_pb2 as pb
 from test_server import Service
@@ -340,29 +340,23 @@ def test_an_http_client_that_leaves_stops_its_ranking(service, tritons, dl19):
     """uvicorn runs a handler on after its client disconnected; the ranking must stop with the client, as a
     cancelled gRPC call does: counted CANCELLED, no window left in Triton, and the request's later windows
     (about 100 of them) never sent."""
-    from conftest import triton_metric
+    from conftest import metric_of
     from test_server import LIVE, LLM_CALLS, PENDING_LLM, _settles_to
 
     triton = tritons("tiny-a")
     texts = [h["content"] for q in dl19[:10] for h in q["hits"][:100]]  # 1000 texts: ~100 windows
-    before = _metric(service, 'pe_rank_requests_total{status="CANCELLED"}')
-    calls_before = triton_metric(triton, LLM_CALLS)
+    before = metric_of(service, 'pe_rank_requests_total{status="CANCELLED"}')
+    calls_before = metric_of(triton, LLM_CALLS)
     with pytest.raises(httpx.TimeoutException):
         httpx.post(f"{service.base_url}/rerank", json={"query": dl19[0]["query"], "texts": texts, "truncate": True},
                    timeout=1.0)
-    _settles_to(lambda: _metric(service, 'pe_rank_requests_total{status="CANCELLED"}') - before, 1)
-    _settles_to(lambda: triton_metric(triton, LIVE), 0)
-    _settles_to(lambda: triton_metric(triton, PENDING_LLM), 0)
-    assert triton_metric(triton, LLM_CALLS) - calls_before < 99 // 2, "the ranking ran on after its HTTP client left"
+    _settles_to(lambda: metric_of(service, 'pe_rank_requests_total{status="CANCELLED"}') - before, 1)
+    _settles_to(lambda: metric_of(triton, LIVE), 0)
+    _settles_to(lambda: metric_of(triton, PENDING_LLM), 0)
+    assert metric_of(triton, LLM_CALLS) - calls_before < 99 // 2, "the ranking ran on after its HTTP client left"
     assert "tei-http CANCELLED" in service.output(tail=None)
 
 
-def _metric(service: Service, series: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{service.metrics_port}/metrics") as page:
-        for line in page.read().decode().splitlines():
-            if line.startswith(series + " "):
-                return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def test_no_ready_triton_is_503_and_unavailable(exported):
@@ -400,22 +394,22 @@ def test_no_ready_triton_is_503_and_unavailable(exported):
 def test_an_http_request_past_max_request_time_is_504(tritons, exported, dl19):
     """HTTP has no deadline header: --max-request-time bounds a request, answered 504 with a JSON body, and its
     windows stop in Triton."""
-    from conftest import triton_metric
+    from conftest import metric_of
     from test_server import LIVE, LLM_CALLS, _settles_to
 
     triton = tritons("tiny-a")
     api = ApiService(exported("tiny-a"), [triton.grpc_url], "--max-request-time", "0.5")
     try:
         texts = [h["content"] for q in dl19[:10] for h in q["hits"][:100]]  # 1000 texts: ~100 windows
-        before = triton_metric(triton, LLM_CALLS)
+        before = metric_of(triton, LLM_CALLS)
         for path, body in (("/rerank", {"query": dl19[0]["query"], "texts": texts, "truncate": True}),
                            ("/v2/rerank", {"query": dl19[0]["query"], "documents": texts})):
             response = httpx.post(api.base_url + path, json=body, timeout=120)
             assert response.status_code == 504, response.text
             assert response.json()["error_type"] == "deadline" and "deadline exceeded" in response.json()["error"]
-        _settles_to(lambda: triton_metric(triton, LIVE), 0)
-        assert triton_metric(triton, LLM_CALLS) - before < 99, "the requests ran on past --max-request-time"
-        assert _metric(api, 'pe_rank_requests_total{status="DEADLINE_EXCEEDED"}') == 2
+        _settles_to(lambda: metric_of(triton, LIVE), 0)
+        assert metric_of(triton, LLM_CALLS) - before < 99, "the requests ran on past --max-request-time"
+        assert metric_of(api, 'pe_rank_requests_total{status="DEADLINE_EXCEEDED"}') == 2
     finally:
         api.stop()
 

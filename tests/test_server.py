@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import CONFORMANCE, case_id, conformance_cases, triton_metric
+from conftest import CONFORMANCE, case_id, conformance_cases, metric_of
 from test_embedded_triton import group_members, running
 from pe_rank.client import AsyncRankerClient, RankerClient
 from pe_rank.core.prompt import PromptBuilder
@@ -122,7 +122,7 @@ def triton_idle(triton: TritonServer) -> bool:
     with urllib.request.urlopen(f"http://127.0.0.1:{triton.metrics_port}/metrics") as page:
         pending = [float(line.rsplit(" ", 1)[1]) for line in page.read().decode().splitlines()
                    if line.startswith("nv_inference_pending_request_count{")]
-    return sum(pending) == 0 and triton_metric(triton, LIVE) == 0
+    return sum(pending) == 0 and metric_of(triton, LIVE) == 0
 
 
 def request_of(case: dict, **extra) -> pb.RerankRequest:
@@ -244,13 +244,13 @@ def test_deadline_exceeded_leaves_no_window(services, tritons, dl19):
     """A 1000-passage request (99 windows) past its deadline: no window is left live in Triton, and the request's
     later windows are never sent."""
     service, triton = services("tiny-a"), tritons("tiny-a")
-    before = triton_metric(triton, LLM_CALLS)
+    before = metric_of(triton, LLM_CALLS)
     with pytest.raises(grpc.RpcError) as err:
         service.client.rerank(thousand(dl19, 7), timeout=0.3)  # seconds of work on any machine
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    _settles_to(lambda: triton_metric(triton, LIVE), 0)
-    _settles_to(lambda: triton_metric(triton, PENDING_LLM), 0)
-    assert triton_metric(triton, LLM_CALLS) - before < 99 // 2, "the request's windows ran on after its deadline"
+    _settles_to(lambda: metric_of(triton, LIVE), 0)
+    _settles_to(lambda: metric_of(triton, PENDING_LLM), 0)
+    assert metric_of(triton, LLM_CALLS) - before < 99 // 2, "the request's windows ran on after its deadline"
 
 
 def test_cancelled_call_leaves_no_window(services, tritons, dl19):
@@ -264,11 +264,11 @@ def test_cancelled_call_leaves_no_window(services, tritons, dl19):
             with pytest.raises(asyncio.CancelledError):
                 await call
 
-    before = triton_metric(triton, LLM_CALLS)
+    before = metric_of(triton, LLM_CALLS)
     asyncio.run(cancel_midway())
-    _settles_to(lambda: triton_metric(triton, LIVE), 0)
-    _settles_to(lambda: triton_metric(triton, PENDING_LLM), 0)
-    assert triton_metric(triton, LLM_CALLS) - before < 99 // 2, "the request's windows ran on after its cancel"
+    _settles_to(lambda: metric_of(triton, LIVE), 0)
+    _settles_to(lambda: metric_of(triton, PENDING_LLM), 0)
+    assert metric_of(triton, LLM_CALLS) - before < 99 // 2, "the request's windows ran on after its cancel"
     assert services("tiny-a").client.rerank(big_request(dl19, 20), timeout=60).ranks
 
 
@@ -336,7 +336,7 @@ def test_requests_spread_over_several_tritons_and_stay_correct(tritons, exported
         for case, response in zip(cases * 2, asyncio.run(run_all())):
             assert [r.id for r in response.ranks] == case["expected_ranking"]
         # no pinning: gRPC's round_robin gives both Tritons windows
-        assert triton_metric(tritons("tiny-b"), LLM_CALLS) > 0 and triton_metric(second, LLM_CALLS) > 0
+        assert metric_of(tritons("tiny-b"), LLM_CALLS) > 0 and metric_of(second, LLM_CALLS) > 0
     finally:
         service.stop()
         second.stop()
@@ -434,12 +434,6 @@ def test_model_info_health_reflection_and_metrics(services):
     assert "pe_rank_prompt_tokens_cached_total" in text
 
 
-def _metric_of(service: Service, series: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{service.metrics_port}/metrics") as page:
-        for line in page.read().decode().splitlines():
-            if line.startswith(series + " "):
-                return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def test_the_work_counters_add_up_to_what_requests_did(services, dl19):
@@ -447,9 +441,9 @@ def test_the_work_counters_add_up_to_what_requests_did(services, dl19):
     _embedding_cache_hits_total grow by exactly what each response's metadata says it did."""
     service = services("tiny-b")
     names = ("passages", "windows", "decode_steps", "prompt_tokens", "prompt_tokens_cached", "embedding_cache_hits")
-    before = {n: _metric_of(service, f"pe_rank_{n}_total") for n in names}
+    before = {n: metric_of(service, f"pe_rank_{n}_total") for n in names}
     done = [service.client.rerank(big_request(dl19, n, qi=14), timeout=120) for n in (30, 7, 30)]
-    grown = {n: _metric_of(service, f"pe_rank_{n}_total") - before[n] for n in names}
+    grown = {n: metric_of(service, f"pe_rank_{n}_total") - before[n] for n in names}
     assert grown == {"passages": 67, "windows": sum(r.metadata.windows for r in done),
                      "decode_steps": sum(r.metadata.decode_steps for r in done),
                      "prompt_tokens": sum(r.metadata.prompt_tokens for r in done),
@@ -489,10 +483,10 @@ def test_sigterm_turns_health_not_serving_and_drains_in_flight_requests(tritons,
             watch = health_pb2_grpc.HealthStub(channel).Watch(
                 health_pb2.HealthCheckRequest(service="pe_rank.v1.Ranker"), timeout=600)
             assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
-            before = triton_metric(triton, LLM_CALLS)
+            before = metric_of(triton, LLM_CALLS)
             pending = pool.submit(service.client.rerank, request, 600)
             deadline = time.monotonic() + 120
-            while triton_metric(triton, LLM_CALLS) == before:  # under way: its first window answered
+            while metric_of(triton, LLM_CALLS) == before:  # under way: its first window answered
                 assert time.monotonic() < deadline and not pending.done()
                 time.sleep(0.02)
             service.process.send_signal(signal.SIGTERM)
@@ -557,10 +551,10 @@ def test_tls(tritons, exported, tmp_path, dl19):
 def test_one_llm_call_per_window(services, tritons, dl19):
     """Triton's own counter: a 100-passage request at 20/10 makes exactly 9 pe_llm calls, one per window."""
     service, triton = services("tiny-b"), tritons("tiny-b")
-    before = triton_metric(triton, LLM_CALLS)
+    before = metric_of(triton, LLM_CALLS)
     response = service.client.rerank(big_request(dl19, 100, qi=6), timeout=120)
     assert response.metadata.windows == 9
-    _settles_to(lambda: triton_metric(triton, LLM_CALLS) - before, 9)
+    _settles_to(lambda: metric_of(triton, LLM_CALLS) - before, 9)
 
 
 def test_abandoned_requests_stop_and_leave_valid_ones_alone(services, tritons, dl19):
@@ -601,13 +595,13 @@ def test_abandoned_requests_stop_and_leave_valid_ones_alone(services, tritons, d
             stormy = [await storm_round(client, settle_s=120.0) for _ in range(3)]
             return quiet, stormy
 
-    calls_before = triton_metric(triton, LLM_CALLS)
+    calls_before = metric_of(triton, LLM_CALLS)
     quiet, stormy = asyncio.run(run())
-    _settles_to(lambda: triton_metric(triton, LIVE), 0)
+    _settles_to(lambda: metric_of(triton, LIVE), 0)
     with urllib.request.urlopen(f"http://127.0.0.1:{service.metrics_port}/metrics") as page:
         assert "pe_rank_requests_in_flight 0.0" in page.read().decode()  # no handler runs on
     # 120 abandoned requests of 9 windows each: had they run on, pe_llm would have answered over 1000 windows
-    assert triton_metric(triton, LLM_CALLS) - calls_before < 120 * 9 / 2
+    assert metric_of(triton, LLM_CALLS) - calls_before < 120 * 9 / 2
     assert np.median(stormy) <= 4 * np.median(quiet), (quiet, stormy)
 
 

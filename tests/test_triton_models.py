@@ -10,7 +10,7 @@ import pytest
 import tritonclient.grpc as tclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import CHECKPOINTS, CONFORMANCE, case_id, conformance_cases, decode_alone, triton_metric
+from conftest import CHECKPOINTS, CONFORMANCE, case_id, conformance_cases, decode_alone, metric_of
 from pe_rank.runtime.inprocess import stepper_for
 from pe_rank.core.prompt import PromptBuilder
 from pe_rank.core.reranker import Reranker
@@ -63,7 +63,7 @@ def dl19_texts(dl19, n: int = 20, query: int = 3) -> list[str]:
 
 
 def metric(tritons, name: str, series: str) -> float:
-    return triton_metric(tritons(name), series)
+    return metric_of(tritons(name), series)
 
 
 LIVE = 'pe_llm_live_windows{model="pe_llm"}'
@@ -349,11 +349,11 @@ def rank_together(triton, requests: list[RerankRequest], builder: PromptBuilder)
         finally:
             await client.close()
 
-    before = [triton_metric(triton, series) for series in (*STEP_BATCHES, calls)]
+    before = [metric_of(triton, series) for series in (*STEP_BATCHES, calls)]
     results = asyncio.run(run())
     deadline = time.monotonic() + 30
     while True:
-        after = [triton_metric(triton, series) for series in (*STEP_BATCHES, calls)]
+        after = [metric_of(triton, series) for series in (*STEP_BATCHES, calls)]
         if (after[1] - before[1] >= window_steps and after[2] - before[2] >= len(requests)) \
                 or time.monotonic() > deadline:
             break
@@ -496,20 +496,20 @@ def test_a_cancelled_pe_rank_request_sends_no_further_window(tritons, clients, d
     pending = 'nv_inference_pending_request_count{model="pe_rank",version="1"}'
     q = dl19[10]
     long = {"query": q["query"], "passages": [{"text": h["content"]} for h in q["hits"]] * 3}  # 300: 29 windows
-    before = triton_metric(triton, calls)
+    before = metric_of(triton, calls)
     outcome: list = []
     call = client.async_infer("pe_rank", rank_inputs(long), callback=lambda result, error: outcome.append(error),
                               client_timeout=300)
     deadline = time.monotonic() + 120
-    while triton_metric(triton, calls) == before and time.monotonic() < deadline:
+    while metric_of(triton, calls) == before and time.monotonic() < deadline:
         time.sleep(0.02)  # its first window answered: the request is under way
     call.cancel()
     deadline = time.monotonic() + 60
-    while (triton_metric(triton, pending) or triton_metric(triton, LIVE)) and time.monotonic() < deadline:
+    while (metric_of(triton, pending) or metric_of(triton, LIVE)) and time.monotonic() < deadline:
         time.sleep(0.1)  # pe_rank has let the request go and pe_llm holds no window
-    sent = triton_metric(triton, calls) - before
+    sent = metric_of(triton, calls) - before
     time.sleep(1.0)  # nothing more comes afterwards either
-    assert triton_metric(triton, calls) - before == sent
+    assert metric_of(triton, calls) - before == sent
     assert 1 <= sent < 29 // 2, f"{sent} of 29 windows ran after the cancel"
     assert outcome and outcome[0] is not None  # the client saw its call cancelled, not a ranking
 
@@ -541,15 +541,15 @@ def test_pe_rank_unloaded_mid_request_still_answers_it(exported, dl19):
         worker = threading.Thread(target=run)
         worker.start()
         deadline = time.monotonic() + 120
-        while triton_metric(triton, calls) < 1 and time.monotonic() < deadline:
+        while metric_of(triton, calls) < 1 and time.monotonic() < deadline:
             time.sleep(0.02)  # bounded wait for the state the test needs: its first window answered
-        windows_before_unload = triton_metric(triton, calls)
+        windows_before_unload = metric_of(triton, calls)
         client.unload_model("pe_rank")
         worker.join(timeout=300)
         assert 1 <= windows_before_unload < 29, "the unload did not land mid-request"
         assert "error" not in got, got.get("error")
         assert sorted(got["order"].tolist()) == list(range(300))
-        assert triton_metric(triton, calls) == 29
+        assert metric_of(triton, calls) == 29
         deadline = time.monotonic() + 60
         while client.is_model_ready("pe_rank") and time.monotonic() < deadline:
             time.sleep(0.1)
