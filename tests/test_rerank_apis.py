@@ -415,7 +415,7 @@ def test_an_http_request_past_max_request_time_is_504(tritons, exported, dl19):
 
 
 def test_tei_metadata_and_raw_scores(tritons, exported):
-    """TEI's gRPC Metadata: queue_time_ns (the wait for a slot: one slot, two requests at once), compute_tokens
+    """TEI's gRPC Metadata: queue_time_ns (the wait for a slot: one slot, a short request behind a long one), compute_tokens
     (the LLM prompt tokens, as pe_rank.v1 reports them), and raw_scores accepted with scores still 1/rank."""
     from tei_client import GrpcClient
     from tei_client.stubs import tei_pb2, tei_pb2_grpc  # tei-client's own stubs: ours would clash in this process
@@ -430,24 +430,40 @@ def test_tei_metadata_and_raw_scores(tritons, exported):
         v1 = api.client.rerank(pb.RerankRequest(query=query, passages=[pb.Passage(id=str(i), text=t)
                                                                         for i, t in enumerate(texts)]), timeout=T)
 
-        async def both():
+        hundred = next(c for name, _, c in conformance_cases() if name == "tiny-a"
+                       and c["request"]["window_size"] == 20 and len(c["request"]["passages"]) == 100)
+
+        async def long_then_short():
+            """The long request takes the one slot; the short one is sent once it holds it and must wait."""
+            def request(c: dict):
+                return tei_pb2.RerankRequest(query=c["request"]["query"], texts=texts_of(c), raw_scores=True)
+
+            async def until(series: str, value: float) -> bool:
+                for _ in range(3000):  # bounded: 60 s
+                    if metric_of(api, series) == value:
+                        return True
+                    await asyncio.sleep(0.02)
+                return False
+
             async with grpc.aio.insecure_channel(api.target) as channel:
                 stub = tei_pb2_grpc.RerankStub(channel)
-                return await asyncio.gather(*(stub.Rerank(tei_pb2.RerankRequest(query=query, texts=texts,
-                                                                                raw_scores=True), timeout=T)
-                                              for _ in range(2)))
+                first = asyncio.ensure_future(stub.Rerank(request(hundred), timeout=T))
+                assert await until("pe_rank_requests_in_flight", 1)
+                second = asyncio.ensure_future(stub.Rerank(request(case), timeout=T))
+                waited = await until("pe_rank_requests_queued", 1)
+                return await first, await second, waited
 
-        answers = asyncio.run(both())
+        long_answer, answer, waited = asyncio.run(long_then_short())
         asyncio.set_event_loop(asyncio.new_event_loop())  # asyncio.run() left none; tei-client's channel needs one
-        for answer in answers:
-            assert [r.index for r in answer.ranks] == expected_indices(case)
-            assert [r.score for r in answer.ranks] == pytest.approx([1 / (k + 1) for k in range(len(texts))])
-            assert answer.metadata.compute_tokens == v1.metadata.prompt_tokens > 0
-            assert answer.metadata.compute_chars == len(query) + sum(len(t) for t in texts)
-            assert answer.metadata.total_time_ns >= answer.metadata.inference_time_ns > 0
-        waits = sorted(a.metadata.queue_time_ns for a in answers)
-        # one slot: the second waited about as long as the first took to rank
-        assert waits[0] < waits[1] and waits[1] > 0.5 * min(a.metadata.inference_time_ns for a in answers)
+        assert waited, "the short request never queued behind the long one: the first finished before it came"
+        for got, c in ((long_answer, hundred), (answer, case)):
+            assert [r.index for r in got.ranks] == expected_indices(c)
+            assert [r.score for r in got.ranks] == pytest.approx([1 / (k + 1) for k in range(len(got.ranks))])
+            assert got.metadata.compute_chars == len(c["request"]["query"]) + sum(len(t) for t in texts_of(c))
+            assert got.metadata.total_time_ns >= got.metadata.inference_time_ns > 0
+        assert answer.metadata.compute_tokens == v1.metadata.prompt_tokens > 0
+        # one slot: the short request's queue time is its wait behind the long one, which waited for nothing
+        assert long_answer.metadata.queue_time_ns < answer.metadata.queue_time_ns
         raw = GrpcClient(api.target).rerank(query, texts, raw_scores=True)
         assert [r.score for r in raw.ranks] == pytest.approx([1 / (k + 1) for k in range(len(texts))])
         http = httpx.post(f"{api.base_url}/rerank", json={"query": query, "texts": texts, "raw_scores": True},

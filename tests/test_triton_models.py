@@ -504,12 +504,15 @@ def test_a_cancelled_pe_rank_request_sends_no_further_window(tritons, clients, d
     while metric_of(triton, calls) == before and time.monotonic() < deadline:
         time.sleep(0.02)  # its first window answered: the request is under way
     call.cancel()
+    answered = metric_of(triton, calls) - before  # windows answered when the cancel went out
     deadline = time.monotonic() + 60
     while (metric_of(triton, pending) or metric_of(triton, LIVE)) and time.monotonic() < deadline:
         time.sleep(0.1)  # pe_rank has let the request go and pe_llm holds no window
-    sent = metric_of(triton, calls) - before
     time.sleep(1.0)  # nothing more comes afterwards either
-    assert metric_of(triton, calls) - before == sent
+    sent = metric_of(triton, calls) - before
+    # pe_rank sends a request's windows one after another: the one in flight at the cancel may still be
+    # answered (on a busy machine it can sit in pe_llm's queue, neither pending in pe_rank nor live), none after
+    assert answered <= sent <= answered + 1, f"{answered} windows answered at the cancel, {sent} in the end"
     assert 1 <= sent < 29 // 2, f"{sent} of 29 windows ran after the cancel"
     assert outcome and outcome[0] is not None  # the client saw its call cancelled, not a ranking
 
