@@ -109,7 +109,7 @@ class RankingServer:
                                    grace_s=self.config.grace_s, api_keys=self.auth.api_keys,
                                    ssl_client_ca=str(self.auth.client_ca) if tls and self.auth.client_ca else None)
             self.http_port = await self.http.start()
-            log.info("HTTP APIs (TEI, Cohere/Jina) on %s:%s", self.config.host, self.http_port)
+            log.info("HTTP APIs (TEI, vLLM, Cohere/Jina, Infinity, NVIDIA NIM) on %s:%s", self.config.host, self.http_port)
         log.info("pe-rank serving on %s:%s (Triton: %s)", self.config.host, self.port, ", ".join(self.config.triton_urls))
         return self.port
 
