@@ -397,7 +397,7 @@ def submitted_together(engine: DecodeEngine, jobs: list[WindowJob]):
     """Every job queued before the engine's next turn, so the first step batches them all."""
     async def go():
         backend = EngineBackend(engine)
-        with engine._wake:  # the engine thread waits on this lock for new windows
+        with engine.submitting():  # the engine thread waits on this lock for new windows
             futures = [asyncio.ensure_future(backend.rank_window(j)) for j in jobs]
             await asyncio.sleep(0)  # each future submits on its first step, inside the lock
         return await asyncio.gather(*futures)

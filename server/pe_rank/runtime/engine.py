@@ -121,6 +121,12 @@ def default_tie_margin(dtype) -> float:
     return 3e-4 if dtype == torch.float32 else 0.0
 
 
+def relative_gap(decoder: WindowDecoder, scores: np.ndarray) -> float:
+    """The gap that decides the decoder's next feed, relative to the largest score (at least 1): what
+    ``tie_margin`` is compared with."""
+    return decoder.margin(scores) / max(1.0, float(np.abs(scores).max()))
+
+
 class DecodeEngine:
     def __init__(self, stepper: TorchStepper, max_live: int = 64, observer: EngineObserver | None = None,
                  batch_steps: bool = True, limits: EngineLimits | None = None, graphs: bool = False,
@@ -342,8 +348,7 @@ class DecodeEngine:
     def _near_tie(self, window: _Window, scores: np.ndarray) -> bool:
         if self.tie_margin == 0 or not np.all(np.isfinite(scores)):
             return False  # non-finite scores fail in the rule, batched or not
-        scale = max(1.0, float(np.abs(scores).max()))
-        return window.decoder.margin(scores) <= self.tie_margin * scale
+        return relative_gap(window.decoder, scores) <= self.tie_margin
 
     def _restart_alone(self, window: _Window) -> None:
         """Prefill the window again (first in line) and decode it alone: its ranking is then the lone one."""

@@ -61,6 +61,7 @@ MARGINS = (1e-4, 3e-4, 1e-3, 3e-3)
 
 def measure(model, queries, tie_margin: float) -> dict:
     from ..core.ranker import WindowDecoder
+    from ..runtime.engine import relative_gap
     from ..runtime.inprocess import stepper_for
     from ..runtime.pool import PoolStepper
 
@@ -85,7 +86,7 @@ def measure(model, queries, tie_margin: float) -> dict:
             worst_relative = max(worst_relative, diff / max(1.0, top))
             decisions += 1
             within_noise += lone.margin(want) <= diff
-            gap = together.margin(got) / max(1.0, float(np.abs(got).max()))
+            gap = relative_gap(together, got)
             trips |= step > 0 and gap <= tie_margin
             for margin in MARGINS:
                 trips_at[margin] |= step > 0 and gap <= margin
