@@ -471,10 +471,13 @@ def test_a_dns_target_and_several_host_names(exported, tritons, dl19):
 
 
 def test_sigterm_turns_health_not_serving_and_drains_in_flight_requests(tritons, exported, dl19):
-    """SIGTERM: health watchers see NOT_SERVING at once, new calls are refused, the request in flight (29
-    windows) still gets its whole ranking, then the server exits 0."""
+    """SIGTERM: health watchers see NOT_SERVING at once; every call after that is refused with UNAVAILABLE
+    (HTTP 503 + Retry-After), never cancelled by a stopping transport, while the request in flight (29 windows)
+    still gets its whole ranking; then the server exits 0 without waiting out --grace for an open Watch."""
     triton = tritons("tiny-a")
-    service = Service(exported("tiny-a"), [triton.grpc_url], "--grace", "600", "--max-request-time", "0")
+    http_port = free_port()
+    service = Service(exported("tiny-a"), [triton.grpc_url], "--grace", "600", "--max-request-time", "0",
+                      "--http-port", str(http_port))
     request = big_request(dl19, 100, qi=15)
     for h in dl19[16]["hits"] + dl19[17]["hits"]:  # 300 passages: 29 windows
         request.passages.add(id=f"x{len(request.passages)}", text=h["content"])
@@ -492,18 +495,23 @@ def test_sigterm_turns_health_not_serving_and_drains_in_flight_requests(tritons,
             service.process.send_signal(signal.SIGTERM)
             assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
             assert not pending.done(), "the request ended before SIGTERM: nothing was drained"
-            watch.cancel()  # a watch is an open call too: the drain would wait for it until --grace
-            # new calls are refused once the server stops taking them (health turns first: a call that comes in
-            # between is still taken, and drained like the rest)
-            deadline = time.monotonic() + 60
-            with RankerClient(service.target) as fresh:
-                while (code := _status_of(fresh, big_request(dl19, 5))) != grpc.StatusCode.UNAVAILABLE:
-                    assert code == grpc.StatusCode.OK and time.monotonic() < deadline, code
-            assert not pending.done(), "the request ended before new calls were refused"
+            with RankerClient(service.target) as fresh:  # refused by the service itself while the drain runs
+                with pytest.raises(grpc.RpcError) as refused:
+                    fresh.rerank(big_request(dl19, 5), timeout=120)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
+            assert "shutting down" in refused.value.details()
+            http = httpx.post(f"http://127.0.0.1:{http_port}/rerank", timeout=120,
+                              json={"query": "fleas", "texts": ["flea", "dog"]})
+            assert http.status_code == 503 and http.headers["Retry-After"], http.text
+            assert http.json()["error_type"] == "shutting_down"
+            assert not pending.done(), "the request ended before the refusals: they were not made during a drain"
             response = pending.result()
-        assert sorted(r.index for r in response.ranks) == list(range(300))
-        assert service.process.wait(timeout=120) == 0
-        assert "stopping: draining in-flight requests" in service.output(tail=None)
+            assert sorted(r.index for r in response.ranks) == list(range(300))
+            # the Watch is still open: the exit must not wait the 600 s grace for it
+            assert service.process.wait(timeout=120) == 0
+        log = service.output(tail=None)
+        assert "stopping: draining in-flight requests" in log
+        assert "UNAVAILABLE" in log and "shutting down" in log
     finally:
         service.stop()
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -10,7 +11,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import grpc
 from pe_rank_export.configs import max_batch_size
@@ -29,8 +30,8 @@ from ..core.validation import Limits, validate_request
 from ..v1 import ranker_pb2 as pb
 from ..v1 import ranker_pb2_grpc as pb_grpc
 from .admission import Admission, AdmissionLimits
-from .errors import (Bug, Cancelled, DeadlineExceeded, ModelServerGone, ServiceError, from_exception, grpc_abort,
-                     grpc_deadline, metric_label)
+from .errors import (Bug, Cancelled, DeadlineExceeded, ModelServerGone, ServiceError, ShuttingDown, from_exception,
+                     grpc_abort, grpc_deadline, metric_label)
 from .metrics import Metrics
 from .pool import REQUIRED_MODELS, TritonPool
 from .triton_client import TritonEncoder, TritonWindowBackend
@@ -143,6 +144,10 @@ class RankingService:
         # as TEI's tokenization workers: conversion, validation and token counting of big requests
         # must not hold the event loop (health checks and every other request wait on it)
         self.workers = ThreadPoolExecutor(config.cpu_workers, thread_name_prefix="pe-rank-validate")
+        self.closing = False  # set on stop: every request after it is refused with ShuttingDown
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     @staticmethod
     def new_request_id() -> str:
@@ -161,13 +166,14 @@ class RankingService:
         error: ServiceError | None = None
         detail = ""
         try:
-            req, plan = await asyncio.get_running_loop().run_in_executor(self.workers, self._validated, convert)
-            windows = len(window_bounds(reranked_count(len(plan.ranked.passages), req.depth), req.window_size,
-                                        req.stride))
-            async with self.admission.slot(windows, deadline) as queued_s:
-                ranked = time.perf_counter()
-                result = await self._rank(req, plan, Timings(queue_ms=queued_s * 1e3), deadline)
-                self.admission.record(time.perf_counter() - ranked, windows)
+            with self._taken():
+                req, plan = await asyncio.get_running_loop().run_in_executor(self.workers, self._validated, convert)
+                windows = len(window_bounds(reranked_count(len(plan.ranked.passages), req.depth), req.window_size,
+                                            req.stride))
+                async with self.admission.slot(windows, deadline) as queued_s:
+                    ranked = time.perf_counter()
+                    result = await self._rank(req, plan, Timings(queue_ms=queued_s * 1e3), deadline)
+                    self.admission.record(time.perf_counter() - ranked, windows)
             result.timings.total_ms = (time.perf_counter() - started) * 1e3
             self.metrics.passages.inc(len(req.passages))
             self.metrics.observe(result)
@@ -188,6 +194,33 @@ class RankingService:
         finally:
             self._record(error, request_id, api, started, detail)
         raise error
+
+    @contextlib.contextmanager
+    def _taken(self) -> Iterator[None]:
+        """Count the request as in flight, or refuse it once draining began (no call slips in after)."""
+        if self.closing:
+            raise ShuttingDown("the server is shutting down; retry on another replica")
+        self.in_flight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            if not self.in_flight:
+                self._idle.set()
+
+    async def drained(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the requests in flight to finish; True if none is left.
+
+        With :attr:`closing` set first, the gRPC and HTTP servers can keep accepting meanwhile: a call that
+        arrives during the drain gets a clear UNAVAILABLE / 503 from here, not a cancel from a stopping transport.
+        """
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
 
     def _deadline(self, client: float | None) -> float | None:
         limit = self.config.max_request_s

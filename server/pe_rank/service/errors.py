@@ -74,6 +74,13 @@ class DeadlineExceeded(ServiceError):
     kind = "deadline"
 
 
+class ShuttingDown(Unavailable):
+    """The server is draining after SIGTERM: refused by the service itself (UNAVAILABLE, HTTP 503), so a
+    client's retry goes to another replica instead of meeting a transport-level cancel."""
+
+    kind = "shutting_down"
+
+
 class ModelServerGone(Unavailable):
     """A Triton went away mid-request (UNAVAILABLE or CANCELLED from it): mark it down, retry later."""
 

@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +29,7 @@ from .metrics import Metrics
 from .pool import TritonPool
 
 log = logging.getLogger("pe_rank.service")
+_AFTER_DRAIN_GRACE_S = 1.0  # for calls that are not ranking (info, reflection) once ranking has drained
 EXIT_TRITON_GAVE_UP = 69  # sysexits EX_UNAVAILABLE: the embedded Triton could not be kept running
 
 
@@ -114,12 +116,22 @@ class RankingServer:
         return self.port
 
     async def stop(self) -> None:
-        """NOT_SERVING first (load balancers move away), then let in-flight requests finish."""
+        """NOT_SERVING first (load balancers move away), then let in-flight requests finish.
+
+        The transports stay open while ranking drains: a call that arrives meanwhile is refused by the service
+        (UNAVAILABLE / 503, retryable) instead of being cancelled by a stopping gRPC server. Once nothing ranks,
+        what is left open (health Watch streams) gets a short grace, not the whole of ``--grace``.
+        """
         if self.server is None:
             return
+        began = time.monotonic()
+        self.ranking.closing = True  # before health turns: a client that saw NOT_SERVING is refused
         await self.health.enter_graceful_shutdown()
-        # both stop taking requests and let running ones finish, within the same grace
-        stopping = [self.server.stop(self.config.grace_s)]
+        if not await self.ranking.drained(self.config.grace_s):
+            log.warning("grace of %.0f s over with %d requests still ranking: cancelling them",
+                        self.config.grace_s, self.ranking.in_flight)
+        final = max(min(self.config.grace_s - (time.monotonic() - began), _AFTER_DRAIN_GRACE_S), 0.0)
+        stopping = [self.server.stop(final)]
         if self.http is not None:
             stopping.append(self.http.stop())
         await asyncio.gather(*stopping)
