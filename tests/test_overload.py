@@ -28,13 +28,6 @@ def metrics_of(service: Service) -> str:
         return page.read().decode()
 
 
-def metric(service: Service, series: str) -> float:
-    for line in metrics_of(service).splitlines():
-        if line.startswith(series + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 def log_lines(service: Service, request_id: str) -> list[str]:
     return [line for line in service.output(tail=None).splitlines() if request_id in line]
 
@@ -76,7 +69,7 @@ def test_an_overload_burst_is_refused_at_once_and_the_admitted_keep_their_latenc
         """Two long requests hold both slots (seen in flight); ten more are each refused while both still rank."""
         longs = [asyncio.ensure_future(_timed(client, thousand(dl19, qi))) for qi in (30, 31)]
         for _ in range(3000):  # bounded: 150 s
-            if metric(small, "pe_rank_requests_in_flight") == 2:
+            if metric_of(small, "pe_rank_requests_in_flight") == 2:
                 break
             await asyncio.sleep(0.05)
         refusals = await asyncio.gather(*(_timed(client, msg) for msg in requests[:10]))
@@ -94,7 +87,7 @@ def test_an_overload_burst_is_refused_at_once_and_the_admitted_keep_their_latenc
             burst = await asyncio.gather(*(_timed(client, msg) for msg in requests))
             return alone, burst, await held(client)
 
-    refused_before = metric(small, 'pe_rank_requests_total{status="RESOURCE_EXHAUSTED"}')
+    refused_before = metric_of(small, 'pe_rank_requests_total{status="RESOURCE_EXHAUSTED"}')
     alone, burst, (holding, refusals) = asyncio.run(run())
     admitted = [s for code, s, _ in burst if code == "OK"]
     refused = [(s, md) for code, s, md in burst if code == "RESOURCE_EXHAUSTED"]
@@ -107,9 +100,9 @@ def test_an_overload_burst_is_refused_at_once_and_the_admitted_keep_their_latenc
     assert all(int(md["grpc-retry-pushback-ms"]) > 0 for _, md in refused)
     assert all(md["retry-after-ms"] == md["grpc-retry-pushback-ms"] for _, md in refused)
     assert max(admitted) <= 6 * statistics.median(alone), (alone, admitted)
-    refused_now = metric(small, 'pe_rank_requests_total{status="RESOURCE_EXHAUSTED"}')
+    refused_now = metric_of(small, 'pe_rank_requests_total{status="RESOURCE_EXHAUSTED"}')
     assert refused_now - refused_before == len(refused)
-    _settles_to(lambda: metric(small, "pe_rank_requests_in_flight"), 0)  # the cancelled holders let go
+    _settles_to(lambda: metric_of(small, "pe_rank_requests_in_flight"), 0)  # the cancelled holders let go
 
 
 def test_a_queued_request_waits_for_its_slot_and_the_wait_is_reported(tritons, exported, dl19):
@@ -146,7 +139,7 @@ def test_the_server_bounds_a_request_without_a_deadline(tritons, exported, dl19)
         _settles_to(lambda: metric_of(triton, LIVE), 0)
         _settles_to(lambda: metric_of(triton, PENDING_LLM), 0)
         assert metric_of(triton, LLM_CALLS) - before < 99 // 2, "the request ran on past --max-request-time"
-        _settles_to(lambda: metric(service, 'pe_rank_requests_total{status="DEADLINE_EXCEEDED"}'), 1)
+        _settles_to(lambda: metric_of(service, 'pe_rank_requests_total{status="DEADLINE_EXCEEDED"}'), 1)
     finally:
         service.stop()
 
@@ -235,7 +228,7 @@ def test_an_undecodable_message_in_a_tei_stream_is_invalid_argument(small):
 
 
 def test_a_client_deadline_is_logged_as_deadline_exceeded_and_a_cancel_as_cancelled(small, dl19):
-    before = {code: metric(small, f'pe_rank_requests_total{{status="{code}"}}')
+    before = {code: metric_of(small, f'pe_rank_requests_total{{status="{code}"}}')
               for code in ("DEADLINE_EXCEEDED", "CANCELLED")}
     for i in range(3):
         with pytest.raises(grpc.RpcError) as err:
@@ -249,9 +242,9 @@ def test_a_client_deadline_is_logged_as_deadline_exceeded_and_a_cancel_as_cancel
             call.cancel()
 
     asyncio.run(cancel_midway())
-    _settles_to(lambda: metric(small, 'pe_rank_requests_total{status="CANCELLED"}') - before["CANCELLED"], 1)
+    _settles_to(lambda: metric_of(small, 'pe_rank_requests_total{status="CANCELLED"}') - before["CANCELLED"], 1)
     # 18 of 20 deadlines were logged and counted as CANCELLED before
-    _settles_to(lambda: metric(small, 'pe_rank_requests_total{status="DEADLINE_EXCEEDED"}')
+    _settles_to(lambda: metric_of(small, 'pe_rank_requests_total{status="DEADLINE_EXCEEDED"}')
                 - before["DEADLINE_EXCEEDED"], 3)
     lines = small.output(tail=None).splitlines()
     assert len([line for line in lines if " DEADLINE_EXCEEDED in " in line]) >= 3
