@@ -516,6 +516,45 @@ def test_sigterm_turns_health_not_serving_and_drains_in_flight_requests(tritons,
         service.stop()
 
 
+def test_sigterm_past_the_grace_cancels_what_still_ranks_on_both_ports_and_says_why(exported, dl19):
+    """Requests that cannot finish within --grace (their Triton is frozen with SIGSTOP mid-request) are cut when
+    the grace ends: the gRPC client gets UNAVAILABLE (retryable), the HTTP client an error or a closed connection,
+    the log names the grace (not a client cancel), and the server exits 0."""
+    repo = exported("tiny-a")
+    triton = TritonServer(repo).start()
+    http_port = free_port()
+    service = Service(repo, [triton.grpc_url], "--grace", "1", "--max-request-time", "0", "--http-port", str(http_port))
+    long_request = big_request(dl19, 100, qi=12)
+    for h in dl19[13]["hits"] + dl19[14]["hits"]:  # 300 passages: 29 windows
+        long_request.passages.add(id=f"x{len(long_request.passages)}", text=h["content"])
+    texts = [p.text for p in long_request.passages]
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            grpc_call = pool.submit(_status_of, service.client, long_request)
+            http_call = pool.submit(httpx.post, f"http://127.0.0.1:{http_port}/rerank", timeout=300,
+                                    json={"query": long_request.query, "texts": texts})
+            deadline = time.monotonic() + 120
+            while metric_of(service, "pe_rank_requests_in_flight") < 2:  # both ranking: past their Triton pick
+                assert time.monotonic() < deadline and not grpc_call.done() and not http_call.done()
+                time.sleep(0.02)
+            os.killpg(triton.process.pid, signal.SIGSTOP)  # the next window of each waits there
+            assert not grpc_call.done() and not http_call.done(), "a request finished before Triton was frozen"
+            service.process.send_signal(signal.SIGTERM)
+            assert service.process.wait(timeout=120) == 0
+            assert grpc_call.result() == grpc.StatusCode.UNAVAILABLE
+            with contextlib.suppress(httpx.TransportError):  # uvicorn cancels the task; the connection closes
+                assert http_call.result().status_code >= 500
+        log = service.output(tail=None)
+        assert "grace of 1 s over with 2 requests still ranking" in log
+        assert log.count("the shutdown grace (--grace) ran out before the ranking finished") == 2, log
+        assert "cancelled by the client" not in log
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(triton.process.pid, signal.SIGCONT)
+        service.stop()
+        triton.stop()
+
+
 def test_cli_rerank_through_the_server(services, dl19, tmp_path):
     service = services("tiny-a")
     q = dl19[0]

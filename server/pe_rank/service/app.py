@@ -145,6 +145,7 @@ class RankingService:
         # must not hold the event loop (health checks and every other request wait on it)
         self.workers = ThreadPoolExecutor(config.cpu_workers, thread_name_prefix="pe-rank-validate")
         self.closing = False  # set on stop: every request after it is refused with ShuttingDown
+        self.grace_over = False  # set on stop when --grace ran out: what is still ranking is cancelled by us
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -181,7 +182,10 @@ class RankingService:
         except asyncio.CancelledError:
             # gRPC cancels the handler both when the client leaves and when its deadline passes
             past = deadline is not None and time.monotonic() >= deadline - _DEADLINE_SLACK_S
-            error = DeadlineExceeded("deadline exceeded") if past else Cancelled("cancelled by the client")
+            if self.grace_over:  # the client was told UNAVAILABLE by the stopping transport
+                error = ShuttingDown("the shutdown grace (--grace) ran out before the ranking finished")
+            else:
+                error = DeadlineExceeded("deadline exceeded") if past else Cancelled("cancelled by the client")
             raise
         except Exception as exc:
             error, detail = from_exception(exc)

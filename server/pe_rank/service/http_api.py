@@ -528,8 +528,7 @@ class HttpServer:
     """uvicorn on the running event loop (the gRPC server's); signals stay with the gRPC side."""
 
     def __init__(self, ranking: RankingService, host: str, port: int, ssl_certfile: str | None = None,
-                 ssl_keyfile: str | None = None, grace_s: float = 30.0, api_keys=None,
-                 ssl_client_ca: str | None = None) -> None:
+                 ssl_keyfile: str | None = None, api_keys=None, ssl_client_ca: str | None = None) -> None:
         """``api_keys``: an :class:`~.auth.ApiKeys` every ranking route checks; ``ssl_client_ca``: mutual
         TLS, the TLS handshake requires a client certificate signed by that CA (as on the gRPC port)."""
         import ssl
@@ -544,7 +543,7 @@ class HttpServer:
         tls_client = dict(ssl_ca_certs=ssl_client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED) if ssl_client_ca else {}
         config = uvicorn.Config(build_app(ranking, api_keys), host=host, port=port, log_level="warning",
                                 lifespan="off", ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile, access_log=False,
-                                timeout_graceful_shutdown=grace_s, **tls_client)
+                                **tls_client)
         self.server = _Server(config)
         self.task = None
         self.port: int | None = None
@@ -559,8 +558,10 @@ class HttpServer:
         self.port = self.server.servers[0].sockets[0].getsockname()[1]
         return self.port
 
-    async def stop(self) -> None:
+    async def stop(self, grace_s: float) -> None:
+        """Close the port, then give running requests ``grace_s`` (what is left of the server's drain)."""
         if self.task is not None:
+            self.server.config.timeout_graceful_shutdown = grace_s
             self.server.should_exit = True
             await self.task
             self.task = None

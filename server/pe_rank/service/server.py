@@ -108,7 +108,7 @@ class RankingServer:
             self.http = HttpServer(self.ranking, self.config.host, self.config.http_port,
                                    ssl_certfile=str(self.config.tls_cert) if tls else None,
                                    ssl_keyfile=str(self.config.tls_key) if tls else None,
-                                   grace_s=self.config.grace_s, api_keys=self.auth.api_keys,
+                                   api_keys=self.auth.api_keys,
                                    ssl_client_ca=str(self.auth.client_ca) if tls and self.auth.client_ca else None)
             self.http_port = await self.http.start()
             log.info("HTTP APIs (TEI, vLLM, Cohere/Jina, Infinity, NVIDIA NIM) on %s:%s", self.config.host, self.http_port)
@@ -128,12 +128,13 @@ class RankingServer:
         self.ranking.closing = True  # before health turns: a client that saw NOT_SERVING is refused
         await self.health.enter_graceful_shutdown()
         if not await self.ranking.drained(self.config.grace_s):
+            self.ranking.grace_over = True
             log.warning("grace of %.0f s over with %d requests still ranking: cancelling them",
                         self.config.grace_s, self.ranking.in_flight)
         final = max(min(self.config.grace_s - (time.monotonic() - began), _AFTER_DRAIN_GRACE_S), 0.0)
         stopping = [self.server.stop(final)]
         if self.http is not None:
-            stopping.append(self.http.stop())
+            stopping.append(self.http.stop(final))
         await asyncio.gather(*stopping)
         self.http = None
         await self.pool.close()
