@@ -29,7 +29,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..core.types import ENCODER_MAX_TOKENS, Passage, RerankRequest, RerankResult
 from .app import RankingService
-from .errors import Cancelled, InvalidArgument, ServiceError, TooLarge, Unauthenticated, Unavailable, http_status
+from .errors import (Cancelled, InvalidArgument, ServiceError, ShuttingDown, TooLarge, Unauthenticated, Unavailable,
+                     http_status)
 from .tei import SCORE_NOTE, model_id, tei_field, tei_request, version
 
 # ---- request and response bodies (shapes only; values are checked by core/validation.py)
@@ -344,12 +345,19 @@ def build_app(ranking: RankingService, api_keys=None) -> FastAPI:
         """rank(), cancelled when the client disconnects (uvicorn lets a handler run on after that);
         HTTP has no deadline, so --max-request-time bounds it."""
         ranked = asyncio.ensure_future(ranking.rank(convert, None, request_id, api, field_name))
-        while not (await asyncio.wait({ranked}, timeout=_DISCONNECT_POLL_S))[0]:
-            if await http.is_disconnected():
-                ranked.cancel()  # counted and logged as CANCELLED by rank()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await ranked
-                raise Cancelled("the client disconnected")
+        try:
+            while not (await asyncio.wait({ranked}, timeout=_DISCONNECT_POLL_S))[0]:
+                if await http.is_disconnected():
+                    ranked.cancel()  # counted and logged as CANCELLED by rank()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await ranked
+                    raise Cancelled("the client disconnected")
+        except asyncio.CancelledError:  # uvicorn cancels what still runs when the shutdown grace ends
+            ranked.cancel()  # the ranking stops with its handler, never runs on alone
+            if not ranking.grace_over:
+                raise
+            asyncio.current_task().uncancel()  # answered as the gRPC clients are: retryable, not a bare 500
+            raise ShuttingDown("the shutdown grace (--grace) ran out before the ranking finished") from None
         return ranked.result()
 
     async def ranked_json(http: Request, convert, api: str, field_name, shape) -> JSONResponse:
