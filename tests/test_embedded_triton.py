@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -92,6 +93,18 @@ def test_a_taken_port_reports_tritons_own_error(tmp_path):
             clash.start()
         assert "already in use" in str(err.value)
         assert running.is_alive()
+
+
+def test_a_taken_metrics_port_fails_the_start_instead_of_looking_ready(tmp_path):
+    """Triton opens its metrics port last, after gRPC and HTTP already answer ready, and exits if that port is
+    taken: start() must wait for all three, or it hands back a Triton that is about to exit (it did, 4 of 4)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))  # bound, not listening: Triton cannot bind it, and nothing answers there
+        triton = TritonServer(repository(tmp_path), metrics_port=taken.getsockname()[1], startup_timeout=60)
+        with pytest.raises(TritonStartError) as err:
+            triton.start()
+    assert "failed to start Metrics service" in str(err.value)
+    assert not triton.is_alive()
 
 
 # ---- processes as the kernel sees them (no psutil needed)

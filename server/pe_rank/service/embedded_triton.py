@@ -361,7 +361,7 @@ class TritonServer:
             if self.process.poll() is not None:
                 self._reader.join(timeout=5)
                 self._fail(f"Triton exited with code {self.process.returncode}")
-            if self._grpc_ready() if self.lock else self._http_ready():
+            if (self._grpc_ready() if self.lock else self._http_ready()) and self._metrics_listening():
                 return
             time.sleep(0.25)
         self._fail(f"Triton not ready after {self.startup_timeout:.0f} s")
@@ -377,6 +377,15 @@ class TritonServer:
                 return response.status == 200
         except OSError:
             return False
+
+    def _metrics_listening(self) -> bool:
+        """Triton starts its metrics endpoint after gRPC and HTTP (41 ms later here): ready means all three,
+        so nobody who reads the counters right after start meets a refused connection."""
+        try:
+            socket.create_connection(("127.0.0.1", self.metrics_port), timeout=2).close()
+        except OSError:
+            return False
+        return True
 
     def _grpc_ready(self) -> bool:
         """A locked Triton (HTTP off), asked over mutual TLS: a port someone else holds cannot show this
