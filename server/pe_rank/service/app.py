@@ -30,8 +30,8 @@ from ..core.validation import Limits, validate_request
 from ..v1 import ranker_pb2 as pb
 from ..v1 import ranker_pb2_grpc as pb_grpc
 from .admission import Admission, AdmissionLimits
-from .errors import (Bug, Cancelled, DeadlineExceeded, ModelServerGone, ServiceError, ShuttingDown, from_exception,
-                     grpc_abort, grpc_deadline, metric_label)
+from .errors import (GRACE_OVER, Bug, Cancelled, DeadlineExceeded, ModelServerGone, ServiceError, ShuttingDown,
+                     from_exception, grpc_abort, grpc_deadline, metric_label)
 from .metrics import Metrics
 from .pool import REQUIRED_MODELS, TritonPool
 from .triton_client import TritonEncoder, TritonWindowBackend
@@ -183,7 +183,7 @@ class RankingService:
             # gRPC cancels the handler both when the client leaves and when its deadline passes
             past = deadline is not None and time.monotonic() >= deadline - _DEADLINE_SLACK_S
             if self.grace_over:  # the client was told UNAVAILABLE by the stopping transport
-                error = ShuttingDown("the shutdown grace (--grace) ran out before the ranking finished")
+                error = ShuttingDown(GRACE_OVER)
             else:
                 error = DeadlineExceeded("deadline exceeded") if past else Cancelled("cancelled by the client")
             raise

@@ -81,6 +81,9 @@ class ShuttingDown(Unavailable):
     kind = "shutting_down"
 
 
+GRACE_OVER = "the shutdown grace (--grace) ran out before the ranking finished"  # a request cut at the end of a drain
+
+
 class ModelServerGone(Unavailable):
     """A Triton went away mid-request (UNAVAILABLE or CANCELLED from it): mark it down, retry later."""
 

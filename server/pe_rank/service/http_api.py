@@ -29,8 +29,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..core.types import ENCODER_MAX_TOKENS, Passage, RerankRequest, RerankResult
 from .app import RankingService
-from .errors import (Cancelled, InvalidArgument, ServiceError, ShuttingDown, TooLarge, Unauthenticated, Unavailable,
-                     http_status)
+from .errors import (GRACE_OVER, Cancelled, InvalidArgument, ServiceError, ShuttingDown, TooLarge, Unauthenticated,
+                     Unavailable, http_status)
 from .tei import SCORE_NOTE, model_id, tei_field, tei_request, version
 
 # ---- request and response bodies (shapes only; values are checked by core/validation.py)
@@ -357,7 +357,7 @@ def build_app(ranking: RankingService, api_keys=None) -> FastAPI:
             if not ranking.grace_over:
                 raise
             asyncio.current_task().uncancel()  # answered as the gRPC clients are: retryable, not a bare 500
-            raise ShuttingDown("the shutdown grace (--grace) ran out before the ranking finished") from None
+            raise ShuttingDown(GRACE_OVER) from None
         return ranked.result()
 
     async def ranked_json(http: Request, convert, api: str, field_name, shape) -> JSONResponse:
