@@ -118,12 +118,17 @@ def decode_alone(stepper, job) -> tuple[list[int], int]:
     return decoder.order, decoder.decode_steps
 
 
-def metric_of(process, series: str) -> float:
-    """One series of a Triton's or a pe-rank server's /metrics (0 when absent), e.g. 'pe_llm_live_windows{model="pe_llm"}'."""
+def metrics_page(process) -> str:
+    """A Triton's or a pe-rank server's whole /metrics page (Prometheus text)."""
     import urllib.request
 
     with urllib.request.urlopen(f"http://127.0.0.1:{process.metrics_port}/metrics") as page:
-        for line in page.read().decode().splitlines():
-            if line.startswith(series + " "):
-                return float(line.rsplit(" ", 1)[1])
+        return page.read().decode()
+
+
+def metric_of(process, series: str) -> float:
+    """One series of a Triton's or a pe-rank server's /metrics (0 when absent), e.g. 'pe_llm_live_windows{model="pe_llm"}'."""
+    for line in metrics_page(process).splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
     return 0.0

@@ -10,24 +10,18 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import metric_of
+from conftest import metric_of, metrics_page
 from test_server import LIVE, LLM_CALLS, PENDING_LLM, Service, _settles_to, big_request, thousand
 from pe_rank.client import AsyncRankerClient
 from pe_rank.v1 import ranker_pb2 as pb
 from pe_rank.v1 import ranker_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.triton
-
-
-def metrics_of(service: Service) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{service.metrics_port}/metrics") as page:
-        return page.read().decode()
 
 
 def log_lines(service: Service, request_id: str) -> list[str]:
@@ -121,7 +115,7 @@ def test_a_queued_request_waits_for_its_slot_and_the_wait_is_reported(tritons, e
         total = sorted(r.metadata.timings.total_ms for r in responses)
         # one slot: the second waited about one request's time, the third about two
         assert queued[0] < 0.5 * total[0] and queued[1] > 0.5 * total[0] and queued[2] > queued[1]
-        text = metrics_of(service)
+        text = metrics_page(service)
         assert 'pe_rank_request_duration_seconds_count{stage="queue"} 3.0' in text
         assert "pe_rank_requests_queued 0.0" in text and "pe_rank_requests_in_flight 0.0" in text
     finally:

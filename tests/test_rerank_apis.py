@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import grpc
 import httpx
 import pytest
 
-from conftest import CONFORMANCE, conformance_cases, metric_of
+from conftest import CONFORMANCE, conformance_cases, metric_of, metrics_page
 from pe_rank.service.embedded_triton import free_port
 from pe_rank.v1 import ranker_pb2 as pb
 from test_server import Service
@@ -331,9 +330,7 @@ def test_over_max_concurrent_is_429_and_counted(service, dl19):
     refused = next(r for r in responses if r.status_code == 429)
     assert refused.json()["error_type"] == "overloaded" and "retry in" in refused.json()["error"]
     assert int(refused.headers["retry-after"]) >= 1
-    with urllib.request.urlopen(f"http://127.0.0.1:{service.metrics_port}/metrics") as page:
-        metrics = page.read().decode()
-    assert 'pe_rank_requests_total{status="RESOURCE_EXHAUSTED"}' in metrics
+    assert 'pe_rank_requests_total{status="RESOURCE_EXHAUSTED"}' in metrics_page(service)
 
 
 def test_an_http_client_that_leaves_stops_its_ranking(service, tritons, dl19):

@@ -13,7 +13,6 @@ import sys
 import threading
 import tempfile
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import CONFORMANCE, case_id, conformance_cases, metric_of
+from conftest import CONFORMANCE, case_id, conformance_cases, metric_of, metrics_page
 from test_embedded_triton import group_members, running
 from pe_rank.client import AsyncRankerClient, RankerClient
 from pe_rank.core.prompt import PromptBuilder
@@ -119,9 +118,8 @@ PENDING_LLM = 'nv_inference_pending_request_count{model="pe_llm",version="1"}'
 
 def triton_idle(triton: TritonServer) -> bool:
     """No request queued or running in any model, no window live in pe_llm."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{triton.metrics_port}/metrics") as page:
-        pending = [float(line.rsplit(" ", 1)[1]) for line in page.read().decode().splitlines()
-                   if line.startswith("nv_inference_pending_request_count{")]
+    pending = [float(line.rsplit(" ", 1)[1]) for line in metrics_page(triton).splitlines()
+               if line.startswith("nv_inference_pending_request_count{")]
     return sum(pending) == 0 and metric_of(triton, LIVE) == 0
 
 
@@ -396,8 +394,7 @@ def test_cached_embeddings_hit_on_repeat(tritons, exported, dl19):
         second = service.client.rerank(big_request(dl19, 40, qi=5), timeout=60)
         assert first.metadata.cache_hits == 0 and second.metadata.cache_hits == 40
         assert [r.id for r in first.ranks] == [r.id for r in second.ranks]
-        with urllib.request.urlopen(f"http://127.0.0.1:{service.metrics_port}/metrics") as page:
-            assert "pe_rank_embedding_cache_hits_total 40.0" in page.read().decode().splitlines()
+        assert "pe_rank_embedding_cache_hits_total 40.0" in metrics_page(service).splitlines()
     finally:
         service.stop()
 
@@ -425,8 +422,7 @@ def test_model_info_health_reflection_and_metrics(services):
     with grpc.insecure_channel(service.target) as channel:
         names = ProtoReflectionDescriptorDatabase(channel).get_services()
     assert "pe_rank.v1.Ranker" in names and "grpc.health.v1.Health" in names
-    with urllib.request.urlopen(f"http://127.0.0.1:{service.metrics_port}/metrics") as page:
-        text = page.read().decode()
+    text = metrics_page(service)
     assert 'pe_rank_requests_total{status="OK"}' in text
     assert 'pe_rank_requests_total{status="INVALID_ARGUMENT"}' in text
     assert "pe_rank_request_duration_seconds_bucket" in text and "pe_rank_requests_in_flight" in text
@@ -646,8 +642,7 @@ def test_abandoned_requests_stop_and_leave_valid_ones_alone(services, tritons, d
     calls_before = metric_of(triton, LLM_CALLS)
     quiet, stormy = asyncio.run(run())
     _settles_to(lambda: metric_of(triton, LIVE), 0)
-    with urllib.request.urlopen(f"http://127.0.0.1:{service.metrics_port}/metrics") as page:
-        assert "pe_rank_requests_in_flight 0.0" in page.read().decode()  # no handler runs on
+    assert "pe_rank_requests_in_flight 0.0" in metrics_page(service)  # no handler runs on
     # 120 abandoned requests of 9 windows each: had they run on, pe_llm would have answered over 1000 windows
     assert metric_of(triton, LLM_CALLS) - calls_before < 120 * 9 / 2
     assert np.median(stormy) <= 4 * np.median(quiet), (quiet, stormy)
@@ -808,8 +803,7 @@ def _make_pki(d: Path) -> dict[str, Path]:
 
 
 def _unauthenticated_counts(service: Service) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{service.metrics_port}/metrics") as page:
-        lines = page.read().decode().splitlines()
+    lines = metrics_page(service).splitlines()
     return {line.split('reason="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1]) for line in lines
             if line.startswith("pe_rank_unauthenticated_requests_total{")}
 
